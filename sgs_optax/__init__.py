@@ -1,0 +1,42 @@
+"""sgs_optax: gradient reshaping for convolutional networks, as optax transforms.
+
+Spatial Gradient Scaling (:func:`sgs`) and Channel-Directed Gradients
+(:func:`cdg`) are pure ``optax.GradientTransformation``\\ s; chain them with
+any optimizer. Names that need Flax (:class:`BranchedConv`) are imported on
+first use, so the core only depends on jax, optax, chex and numpy.
+"""
+
+import importlib
+
+from sgs_optax._branches import branch_scaling
+from sgs_optax._branches import merge_branches
+from sgs_optax._kernels import KernelAxes
+from sgs_optax._kernels import parse_layout
+from sgs_optax._kernels import resolve_layouts
+from sgs_optax._spatial import get_scalings
+from sgs_optax._spatial import sgs
+from sgs_optax._spatial import spatial_gradient_scaling
+from sgs_optax._spatial import SpatialScalingState
+
+__version__ = "0.1.0"
+
+# Public names whose modules import Flax.
+_FLAX_NAMES = {
+    "BranchedConv": "sgs_optax._branched_conv",
+}
+
+
+def __getattr__(name: str):
+  if name in _FLAX_NAMES:
+    try:
+      module = importlib.import_module(_FLAX_NAMES[name])
+    except ImportError as e:
+      raise ImportError(
+          f"sgs_optax.{name} needs Flax: pip install 'sgs-optax[flax]'."
+      ) from e
+    return getattr(module, name)
+  raise AttributeError(f"module 'sgs_optax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_FLAX_NAMES))

@@ -1,0 +1,226 @@
+"""SGD on a branched conv network == SGD with sgs(branch_scaling) on the merged one.
+
+The golden trajectory is the branched network trained by autodiff; merging is
+done here with numpy padding, independently of `sgs_optax.merge_branches`.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sgs_optax
+
+STEPS = 20
+KERNEL = (3, 3)
+CHANNELS = (2, 4, 4)  # input, conv1 and conv2 output channels.
+
+BRANCH_SETS = {
+    "acb": ([(3, 3), (1, 3), (3, 1)], None),
+    "repvgg": ([(3, 3), (1, 1)], None),
+    "scalars": ([(3, 3), (3, 1), (1, 1)], [0.7, 1.5, 2.0]),
+    "per_channel": (
+        [(3, 3), (1, 3), (1, 1)],
+        [1.0, np.linspace(0.5, 1.5, 4), np.linspace(2.0, 0.25, 4)],
+    ),
+}
+
+OPTIMIZERS = {
+    "sgd": lambda: optax.sgd(0.05),
+    "momentum": lambda: optax.sgd(0.05, momentum=0.9),
+    "nesterov": lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
+    "weight_decay": lambda: optax.chain(
+        optax.add_decayed_weights(5e-2), optax.sgd(0.05, momentum=0.9)
+    ),
+}
+
+
+def numpy_merge(kernels, branches, scales, layout):
+  """W = sum_k alpha_k * pad(V_k), by explicit zero-padding."""
+  total = 0.0
+  for kernel, (a, b), alpha in zip(kernels, branches, scales):
+    kernel = np.asarray(kernel)
+    top, left = (KERNEL[0] - a) // 2, (KERNEL[1] - b) // 2
+    spatial = ((top, KERNEL[0] - a - top), (left, KERNEL[1] - b - left))
+    pads = spatial + ((0, 0), (0, 0)) if layout == "HWIO" else (
+        ((0, 0), (0, 0)) + spatial)
+    alpha = np.asarray(alpha)
+    if alpha.ndim and layout == "OIHW":
+      alpha = alpha[:, None, None, None]
+    total = total + np.pad(kernel, pads) * alpha
+  return total
+
+
+def scales_or_ones(branches, scales):
+  return scales if scales is not None else [1.0] * len(branches)
+
+
+class Net(nn.Module):
+  """Two 3x3 convs (the second strided) and a dense head."""
+
+  conv: type
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(self.conv(CHANNELS[1], name="conv1")(x))
+    x = nn.relu(self.conv(CHANNELS[2], strides=2, name="conv2")(x))
+    return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
+
+
+def batches(seed):
+  key = jax.random.key(seed)
+  for _ in range(STEPS):
+    key, kx, ky = jax.random.split(key, 3)
+    yield (jax.random.normal(kx, (4, 7, 7, CHANNELS[0]), jnp.float64),
+           jax.random.randint(ky, (4,), 0, 3))
+
+
+def train(model, params, tx):
+  def loss(p, x, y):
+    logits = model.apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def step(p, s, x, y):
+    grads = jax.grad(loss)(p, x, y)
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s
+
+  state = tx.init(params)
+  for x, y in batches(1):
+    params, state = step(params, state, x, y)
+  return params
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("branch_set", sorted(BRANCH_SETS))
+def test_hwio_sgs_matches_branched_training(branch_set, optimizer):
+  branches, scales = BRANCH_SETS[branch_set]
+  with jax.enable_x64(True):
+    branched = Net(lambda f, name, strides=1: sgs_optax.BranchedConv(
+        f, KERNEL, branches, scales, strides=strides, param_dtype=jnp.float64,
+        name=name))
+    plain = Net(lambda f, name, strides=1: nn.Conv(
+        f, KERNEL, strides=strides, param_dtype=jnp.float64, name=name))
+    x0 = jnp.zeros((1, 7, 7, CHANNELS[0]), jnp.float64)
+    params_b = branched.init(jax.random.key(0), x0)["params"]
+
+    def merge(p):
+      merged = dict(p)
+      for name in ("conv1", "conv2"):
+        kernels = [p[name][f"kernel_{i}"] for i in range(len(branches))]
+        merged[name] = {
+            "kernel": jnp.asarray(numpy_merge(
+                kernels, branches, scales_or_ones(branches, scales), "HWIO")),
+            "bias": p[name]["bias"],
+        }
+      return merged
+
+    trained_b = train(branched, params_b, OPTIMIZERS[optimizer]())
+    scaling = sgs_optax.branch_scaling(KERNEL, branches, scales)
+    tx = optax.chain(sgs_optax.sgs(scaling), OPTIMIZERS[optimizer]())
+    trained_m = train(plain, merge(params_b), tx)
+
+    expected, got = merge(trained_b), trained_m
+    for name in ("conv1", "conv2"):
+      assert got[name]["kernel"].dtype == jnp.float64
+      moved = np.abs(expected[name]["kernel"] - merge(params_b)[name]["kernel"])
+      assert moved.max() > 1e-3  # the weights really trained.
+      err = np.abs(got[name]["kernel"] - expected[name]["kernel"]).max()
+      assert err < 1e-9, (name, err)
+      np.testing.assert_allclose(got[name]["bias"], expected[name]["bias"],
+                                 rtol=0, atol=1e-9)
+    np.testing.assert_allclose(got["head"]["kernel"],
+                               expected["head"]["kernel"], rtol=0, atol=1e-9)
+
+
+def oihw_conv(x, w, stride):
+  pads = jax.lax.padtype_to_pads(x.shape[2:], KERNEL, (stride,) * 2, "SAME")
+  return pads, jax.lax.conv_general_dilated(
+      x, w, (stride,) * 2, pads, dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+
+def oihw_branched_conv(x, kernels, branches, scales, stride):
+  """Each branch as its own VALID conv on its crop of the padded input."""
+  pads = jax.lax.padtype_to_pads(x.shape[2:], KERNEL, (stride,) * 2, "SAME")
+  xp = jnp.pad(x, ((0, 0), (0, 0), *pads))
+  out = 0.0
+  for w, (a, b), alpha in zip(kernels, branches, scales):
+    top, left = (KERNEL[0] - a) // 2, (KERNEL[1] - b) // 2
+    crop = xp[:, :, top:xp.shape[2] - (KERNEL[0] - a - top),
+              left:xp.shape[3] - (KERNEL[1] - b - left)]
+    y = jax.lax.conv_general_dilated(
+        crop, w, (stride,) * 2, "VALID",
+        dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    out = out + y * jnp.reshape(jnp.asarray(alpha), (-1, 1, 1))
+  return out
+
+
+@pytest.mark.parametrize("branch_set", ["acb", "per_channel"])
+def test_oihw_sgs_matches_branched_training(branch_set):
+  branches, scales = BRANCH_SETS[branch_set]
+  alphas = scales_or_ones(branches, scales)
+  optimizer = OPTIMIZERS["weight_decay"]
+  with jax.enable_x64(True):
+    key = jax.random.key(3)
+    params_b = {}
+    for name, cin, cout in (("conv1", CHANNELS[0], CHANNELS[1]),
+                            ("conv2", CHANNELS[1], CHANNELS[2])):
+      params_b[name] = {}
+      for i, (a, b) in enumerate(branches):
+        key, sub = jax.random.split(key)
+        params_b[name][f"kernel_{i}"] = 0.3 * jax.random.normal(
+            sub, (cout, cin, a, b), jnp.float64)
+    key, sub = jax.random.split(key)
+    params_b["head"] = 0.3 * jax.random.normal(sub, (3, CHANNELS[2]),
+                                               jnp.float64)
+
+    def head(h, w):
+      return h.mean(axis=(2, 3)) @ w.T
+
+    def branched_logits(p, x):
+      kernels = lambda n: [p[n][f"kernel_{i}"] for i in range(len(branches))]
+      h = jax.nn.relu(oihw_branched_conv(x, kernels("conv1"), branches,
+                                         alphas, 1))
+      h = jax.nn.relu(oihw_branched_conv(h, kernels("conv2"), branches,
+                                         alphas, 2))
+      return head(h, p["head"])
+
+    def plain_logits(p, x):
+      h = jax.nn.relu(oihw_conv(x, p["conv1"], 1)[1])
+      h = jax.nn.relu(oihw_conv(h, p["conv2"], 2)[1])
+      return head(h, p["head"])
+
+    def merge(p):
+      out = {"head": p["head"]}
+      for n in ("conv1", "conv2"):
+        kernels = [p[n][f"kernel_{i}"] for i in range(len(branches))]
+        out[n] = jnp.asarray(numpy_merge(kernels, branches, alphas, "OIHW"))
+      return out
+
+    def fit(logits_fn, params, tx):
+      def loss(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits_fn(p, x), y).mean()
+
+      @jax.jit
+      def step(p, s, x, y):
+        updates, s = tx.update(jax.grad(loss)(p, x, y), s, p)
+        return optax.apply_updates(p, updates), s
+
+      state = tx.init(params)
+      for x, y in batches(2):
+        params, state = step(params, state, jnp.moveaxis(x, -1, 1), y)
+      return params
+
+    trained_b = fit(branched_logits, params_b, optimizer())
+    scaling = sgs_optax.branch_scaling(KERNEL, branches, scales)
+    tx = optax.chain(sgs_optax.sgs(scaling, kernel_layout="OIHW"), optimizer())
+    trained_m = fit(plain_logits, merge(params_b), tx)
+    expected = merge(trained_b)
+    for n in ("conv1", "conv2"):
+      err = np.abs(trained_m[n] - expected[n]).max()
+      assert err < 1e-9, (n, err)
+      assert np.abs(expected[n] - merge(params_b)[n]).max() > 1e-3

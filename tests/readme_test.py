@@ -1,0 +1,27 @@
+"""The README's usage example runs as written, and its commands are the CI's."""
+
+import pathlib
+import re
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_usage_example_runs(capsys):
+  usage = README.split("## Usage", 1)[1]
+  code = re.search(r"```python\n(.*?)```", usage, re.S).group(1)
+  namespace = {}
+  exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  printed = capsys.readouterr().out
+  numbers = [float(v) for v in re.findall(r"\d+\.?\d*", printed)]
+  np.testing.assert_array_equal(numbers, [1, 2, 1, 2, 3, 2, 1, 2, 1])
+
+
+def test_ci_runs_the_readme_test_command():
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert "<!-- test-command -->" in ci
+  block = README.split("<!-- test-command -->", 1)[1]
+  command = re.search(r"```bash\n(.*?)\n```", block, re.S).group(1)
+  assert "pytest" in command and "pip install" in command

@@ -1,0 +1,315 @@
+"""Tests for sgs_optax._spatial (the SGS transform and its state)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sgs_optax
+
+ACB3 = np.array([[1.0, 2, 1], [2, 3, 2], [1, 2, 1]])
+
+
+def make_params(dtype=jnp.float32):
+  key = jax.random.key(0)
+  shapes = {
+      "stem": {"kernel": (3, 3, 1, 4), "bias": (4,)},
+      "wide": {"kernel": (5, 3, 4, 6)},
+      "even": {"kernel": (2, 2, 6, 6)},
+      "pointwise": {"kernel": (1, 1, 6, 8)},
+      "row": {"kernel": (1, 3, 8, 8)},
+      "norm": {"scale": (8,)},
+      "dense": {"kernel": (8, 3), "bias": (3,)},
+  }
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(
+      x, tuple))
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [
+      jax.random.normal(k, s, dtype) for k, s in zip(keys, leaves)])
+
+
+def apply(tx, grads, params=None):
+  state = tx.init(grads if params is None else params)
+  return tx.update(grads, state, params)
+
+
+def test_preset_scales_each_kernel_by_its_own_matrix():
+  grads = make_params()
+  out, state = apply(sgs_optax.sgs("acb"), grads)
+  np.testing.assert_array_equal(
+      out["stem"]["kernel"], grads["stem"]["kernel"] * ACB3[:, :, None, None])
+  wide = np.zeros((5, 3))  # 5x3 + 1x3 + 5x1, built by hand.
+  wide += 1
+  wide[2, :] += 1
+  wide[:, 1] += 1
+  np.testing.assert_array_equal(
+      out["wide"]["kernel"], grads["wide"]["kernel"] * wide[:, :, None, None])
+  scalings = sgs_optax.get_scalings(state)
+  np.testing.assert_array_equal(scalings["wide"]["kernel"], wide)
+  assert scalings["even"]["kernel"] is None
+
+
+def test_untouched_leaves_are_bit_identical():
+  grads = make_params()
+  for scaling in (None, "acb", "repvgg", jnp.full((3, 3), 2.0)):
+    out, _ = apply(sgs_optax.sgs(scaling), grads)
+    for name in ("even", "pointwise", "row", "norm", "dense"):
+      for leaf_name, leaf in grads[name].items():
+        got = out[name][leaf_name]
+        assert got is leaf or (
+            got.dtype == leaf.dtype and np.array_equal(
+                np.asarray(got).view(np.uint8), np.asarray(leaf).view(np.uint8)
+            )), (scaling, name)
+    np.testing.assert_array_equal(out["stem"]["bias"], grads["stem"]["bias"])
+
+
+def test_none_is_identity_until_refreshed():
+  grads = make_params()
+  out, state = apply(sgs_optax.sgs(), grads)
+  chex_equal = jax.tree.map(np.array_equal, out, grads)
+  assert all(jax.tree.leaves(chex_equal))
+  assert sgs_optax.get_scalings(state)["stem"]["kernel"].shape == (3, 3)
+
+
+def test_oihw_layout_scales_the_last_two_axes():
+  grads = {"conv": jax.random.normal(jax.random.key(1), (4, 2, 3, 3))}
+  out, _ = apply(sgs_optax.sgs("acb", kernel_layout="OIHW"), grads)
+  np.testing.assert_array_equal(out["conv"], grads["conv"] * ACB3)
+
+
+def test_per_channel_matrix():
+  grads = {"conv": jax.random.normal(jax.random.key(1), (3, 3, 2, 4))}
+  matrix = np.random.default_rng(0).uniform(0.5, 2.0, (3, 3, 4))
+  out, _ = apply(sgs_optax.sgs(jnp.asarray(matrix)), grads)
+  expected = np.asarray(grads["conv"]) * matrix[:, :, None, :]
+  np.testing.assert_allclose(out["conv"], expected, rtol=1e-6)
+  grads_oihw = {"conv": jnp.transpose(grads["conv"], (3, 2, 0, 1))}
+  out, _ = apply(sgs_optax.sgs(jnp.asarray(matrix), kernel_layout="OIHW"),
+                 grads_oihw)
+  np.testing.assert_allclose(
+      out["conv"], np.transpose(expected, (3, 2, 0, 1)), rtol=1e-6)
+
+
+def test_single_array_applies_to_matching_size_only():
+  grads = make_params()
+  out, state = apply(sgs_optax.sgs(jnp.asarray(ACB3)), grads)
+  np.testing.assert_allclose(
+      out["stem"]["kernel"], grads["stem"]["kernel"] * ACB3[:, :, None, None])
+  np.testing.assert_array_equal(out["wide"]["kernel"], grads["wide"]["kernel"])
+  with pytest.raises(ValueError, match="no \\(2, 2\\) matrix"):
+    sgs_optax.sgs(jnp.asarray(ACB3), strict=True).init(grads)
+
+
+def test_pytree_scaling_and_its_errors():
+  grads = make_params()
+  tree = jax.tree.map(lambda _: None, grads)
+  tree["wide"]["kernel"] = jnp.full((5, 3), 3.0)
+  out, _ = apply(sgs_optax.sgs(tree), grads)
+  np.testing.assert_allclose(out["wide"]["kernel"], 3 * grads["wide"]["kernel"])
+  np.testing.assert_array_equal(out["stem"]["kernel"], grads["stem"]["kernel"])
+
+  bad = jax.tree.map(lambda _: None, grads)
+  bad["wide"]["kernel"] = jnp.ones((3, 3))
+  with pytest.raises(ValueError, match="wide/kernel"):
+    sgs_optax.sgs(bad).init(grads)
+  bad = jax.tree.map(lambda _: None, grads)
+  bad["dense"]["bias"] = jnp.ones((3, 3))
+  with pytest.raises(ValueError, match="dense/bias"):
+    sgs_optax.sgs(bad).init(grads)
+  with pytest.raises(ValueError, match="structure"):
+    sgs_optax.sgs({"stem": {"kernel": jnp.ones((3, 3))}}).init(grads)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"scaling": "dbb"}, "Unknown scaling preset"),
+        ({"scaling": jnp.ones(3)}, "shape"),
+        ({"scaling": jnp.array([[1.0, -1, 1]] * 3)}, "negative"),
+        ({"scaling": jnp.array([[1.0, jnp.nan, 1]] * 3)}, "non-finite"),
+        ({"kernel_layout": "HWXO"}, "Unknown kernel_layout"),
+        ({"kernel_layout": "HWIIO"}, "Unknown kernel_layout"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    sgs_optax.sgs(**kwargs).init(make_params())
+
+
+def test_channel_mismatch_and_no_matching_kernel_raise():
+  grads = make_params()
+  with pytest.raises(ValueError, match="stem/kernel"):
+    sgs_optax.sgs(jnp.ones((3, 3, 5))).init(grads)
+  with pytest.raises(ValueError, match="does not fit any"):
+    sgs_optax.sgs(jnp.ones((7, 7))).init(grads)
+
+
+def test_strict_rejects_even_kernels():
+  grads = make_params()
+  for scaling in (None, "acb"):
+    with pytest.raises(ValueError, match="even/kernel.*even"):
+      sgs_optax.sgs(scaling, strict=True).init(grads)
+  del grads["even"]
+  sgs_optax.sgs("acb", strict=True).init(grads)
+
+
+def test_normalize_divides_by_mean():
+  grads = make_params()
+  out, state = apply(sgs_optax.sgs("acb", normalize=True), grads)
+  np.testing.assert_allclose(
+      sgs_optax.get_scalings(state)["stem"]["kernel"], ACB3 / (15 / 9),
+      rtol=1e-6)
+  per_channel = jnp.stack([jnp.asarray(ACB3), 2 * jnp.ones((3, 3))], -1)
+  _, state = apply(sgs_optax.sgs(per_channel, normalize=True),
+                   {"c": jnp.ones((3, 3, 1, 2))})
+  s = sgs_optax.get_scalings(state)["c"]
+  np.testing.assert_allclose(s[..., 0], ACB3 / (15 / 9), rtol=1e-6)
+  np.testing.assert_allclose(s[..., 1], np.ones((3, 3)), rtol=1e-6)
+
+
+def test_mask_only_restricts():
+  grads = make_params()
+  mask = jax.tree.map(lambda _: True, grads)
+  mask["stem"] = False
+  out, state = apply(sgs_optax.sgs("acb", mask=mask), grads)
+  np.testing.assert_array_equal(out["stem"]["kernel"], grads["stem"]["kernel"])
+  assert sgs_optax.get_scalings(state)["stem"]["kernel"] is None
+  assert sgs_optax.get_scalings(state)["wide"]["kernel"] is not None
+  # A True mask never adds a leaf that the layout does not select.
+  out, _ = apply(sgs_optax.sgs("acb", mask=lambda p: jax.tree.map(
+      lambda _: True, p)), grads)
+  np.testing.assert_array_equal(out["dense"]["kernel"], grads["dense"]["kernel"])
+
+
+def test_layout_tree_and_callable_for_mixed_models():
+  grads = {
+      "conv": jax.random.normal(jax.random.key(0), (3, 3, 2, 4)),
+      "torch_conv": jax.random.normal(jax.random.key(1), (4, 2, 3, 3)),
+      "transpose": jax.random.normal(jax.random.key(2), (3, 3, 4, 2)),
+  }
+  layouts = {"conv": "HWIO", "torch_conv": "OIHW", "transpose": "HWOI"}
+  for spec in (layouts, lambda _: layouts):
+    out, _ = apply(sgs_optax.sgs("acb", kernel_layout=spec), grads)
+    np.testing.assert_array_equal(out["conv"],
+                                  grads["conv"] * ACB3[:, :, None, None])
+    np.testing.assert_array_equal(out["torch_conv"], grads["torch_conv"] * ACB3)
+    np.testing.assert_array_equal(out["transpose"],
+                                  grads["transpose"] * ACB3[:, :, None, None])
+  for bad in ("WIO", "HWI"):
+    with pytest.raises(ValueError, match="torch_conv"):
+      sgs_optax.sgs("acb", kernel_layout={**layouts, "torch_conv": bad}).init(
+          grads)
+
+
+def test_one_d_and_three_d_convs_are_not_scaled():
+  grads = {"conv1d": jnp.ones((3, 2, 4)), "conv3d": jnp.ones((3, 3, 3, 2, 4))}
+  layouts = {"conv1d": "WIO", "conv3d": "DHWIO"}
+  out, state = apply(sgs_optax.sgs("acb", kernel_layout=layouts), grads)
+  assert all(s is None for s in jax.tree.leaves(
+      sgs_optax.get_scalings(state), is_leaf=lambda x: x is None))
+  np.testing.assert_array_equal(out["conv3d"], grads["conv3d"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_dtypes_are_preserved_and_state_is_at_least_float32(dtype):
+  grads = make_params(dtype)
+  out, state = jax.jit(lambda g: apply(sgs_optax.sgs("acb"), g))(grads)
+  assert jax.tree.map(lambda x: x.dtype, out) == jax.tree.map(
+      lambda x: x.dtype, grads)
+  assert sgs_optax.get_scalings(state)["stem"]["kernel"].dtype == jnp.float32
+
+
+def test_float64_state_stays_float64():
+  with jax.enable_x64(True):
+    grads = {"c": jnp.ones((3, 3, 1, 1), jnp.float64) / 3}
+    out, state = apply(sgs_optax.sgs("acb"), grads)
+    assert sgs_optax.get_scalings(state)["c"].dtype == jnp.float64
+    np.testing.assert_array_equal(out["c"][..., 0, 0], ACB3 / 3)
+
+
+def test_jit_and_vmap():
+  grads = make_params()
+  tx = sgs_optax.sgs("repvgg")
+  state = tx.init(grads)
+  eager, _ = tx.update(grads, state)
+  jitted, _ = jax.jit(tx.update)(grads, state)
+  jax.tree.map(np.testing.assert_array_equal, eager, jitted)
+  stacked = jax.tree.map(lambda g: jnp.stack([g, 2 * g]), grads)
+  batched, _ = jax.vmap(tx.update, in_axes=(0, None))(stacked, state)
+  jax.tree.map(lambda b, e: np.testing.assert_allclose(b[1], 2 * e, rtol=1e-6),
+               batched, eager)
+
+
+def test_get_scalings_errors_and_nesting():
+  params = make_params()
+  with pytest.raises(ValueError, match="found 0"):
+    sgs_optax.get_scalings(optax.sgd(0.1).init(params))
+  twice = optax.chain(sgs_optax.sgs(), sgs_optax.sgs("acb"))
+  with pytest.raises(ValueError, match="found 2"):
+    sgs_optax.get_scalings(twice.init(params))
+  nested = optax.chain(
+      optax.clip(1.0),
+      optax.masked(sgs_optax.sgs("acb"), lambda p: jax.tree.map(
+          lambda x: x.ndim == 4, p)),
+      optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+  )
+  state = nested.init(params)
+  np.testing.assert_array_equal(
+      sgs_optax.get_scalings(state)["stem"]["kernel"], ACB3)
+  updates, _ = jax.jit(nested.update)(params, state, params)
+  np.testing.assert_allclose(
+      updates["stem"]["kernel"],
+      -0.1 * ACB3[:, :, None, None] * optax.clip(1.0).update(
+          params, None)[0]["stem"]["kernel"], rtol=1e-6)
+
+
+def test_partition_with_sgs_in_one_group():
+  params = make_params()
+  labels = jax.tree.map(lambda x: "conv" if x.ndim == 4 else "rest", params)
+  tx = optax.partition({"conv": sgs_optax.sgs("acb"),
+                        "rest": optax.identity()}, labels)
+  out, state = apply(tx, params)
+  np.testing.assert_array_equal(
+      out["stem"]["kernel"], params["stem"]["kernel"] * ACB3[:, :, None, None])
+  np.testing.assert_array_equal(out["dense"]["kernel"],
+                                params["dense"]["kernel"])
+  assert sgs_optax.get_scalings(state)["stem"]["kernel"] is not None
+
+
+def test_state_is_stable_under_lax_cond():
+  params = make_params()
+  tx = optax.chain(sgs_optax.sgs("acb"), optax.sgd(0.1, momentum=0.9))
+  state = tx.init(params)
+  _, new_state = tx.update(params, state, params)
+  jax.lax.cond(True, lambda: state, lambda: new_state)
+
+
+def test_before_adam_is_nearly_a_no_op_and_after_adam_scales_the_update():
+  params = make_params()
+  grads = jax.tree.map(lambda x: 0.1 * x, make_params())
+  adam = optax.adam(1e-2)
+  plain, _ = apply(adam, grads, params)
+  before, _ = apply(optax.chain(sgs_optax.sgs("acb"), adam), grads, params)
+  after, _ = apply(optax.chain(adam, sgs_optax.sgs("acb")), grads, params)
+  # Adam divides the constant per-position scale out: the same update.
+  np.testing.assert_allclose(before["stem"]["kernel"], plain["stem"]["kernel"],
+                             rtol=1e-4)
+  # After Adam it is a per-position learning rate: exactly S * update.
+  np.testing.assert_allclose(
+      after["stem"]["kernel"],
+      plain["stem"]["kernel"] * ACB3[:, :, None, None], rtol=1e-6)
+  # With SGD the same placement before the optimizer does matter.
+  sgd_plain, _ = apply(optax.sgd(1e-2), grads, params)
+  sgd_before, _ = apply(optax.chain(sgs_optax.sgs("acb"), optax.sgd(1e-2)),
+                        grads, params)
+  np.testing.assert_allclose(
+      sgd_before["stem"]["kernel"],
+      sgd_plain["stem"]["kernel"] * ACB3[:, :, None, None], rtol=1e-6)
+
+
+def test_accepts_extra_args_in_a_chain():
+  params = make_params()
+  tx = optax.chain(sgs_optax.sgs("acb"), optax.sgd(0.1))
+  state = tx.init(params)
+  tx.update(params, state, params, some_extra_arg=1.0)
