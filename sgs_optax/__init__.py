@@ -10,9 +10,13 @@ import importlib
 
 from sgs_optax._branches import branch_scaling
 from sgs_optax._branches import merge_branches
+from sgs_optax._dependence import dependence_to_scaling
+from sgs_optax._dependence import spatial_dependence
 from sgs_optax._kernels import KernelAxes
 from sgs_optax._kernels import parse_layout
 from sgs_optax._kernels import resolve_layouts
+from sgs_optax._refresh import ConvInput
+from sgs_optax._refresh import refresh_scalings
 from sgs_optax._spatial import get_scalings
 from sgs_optax._spatial import sgs
 from sgs_optax._spatial import spatial_gradient_scaling
@@ -23,6 +27,7 @@ __version__ = "0.1.0"
 # Public names whose modules import Flax.
 _FLAX_NAMES = {
     "BranchedConv": "sgs_optax._branched_conv",
+    "capture_conv_inputs": "sgs_optax._capture",
 }
 
 
