@@ -10,6 +10,8 @@ import importlib
 
 from sgs_optax._branches import branch_scaling
 from sgs_optax._branches import merge_branches
+from sgs_optax._channel import cdg
+from sgs_optax._channel import channel_directed_gradients
 from sgs_optax._dependence import dependence_to_scaling
 from sgs_optax._dependence import spatial_dependence
 from sgs_optax._kernels import KernelAxes

@@ -1,9 +1,26 @@
 """Every example runs in its tiny mode."""
 
+import numpy as np
+
+from examples import adam_training
+from examples import nnx_training
 from examples import quickstart
 
 
 def test_quickstart_tiny():
   results = quickstart.main(["--tiny"])
   assert set(results) == {"sgd", "sgd+sgs(acb)"}
+  assert all(0.0 <= acc <= 1.0 for acc in results.values())
+
+
+def test_nnx_example_tiny_refreshes_the_matrices():
+  accuracy, scalings = nnx_training.main(["--tiny"])
+  assert 0.0 <= accuracy <= 1.0
+  matrix = np.asarray(scalings["conv1"]["kernel"])
+  assert matrix.shape == (3, 3) and not np.allclose(matrix, 1.0)
+  np.testing.assert_allclose(matrix.mean(), 1.0, rtol=1e-5)
+
+
+def test_adam_example_tiny():
+  results = adam_training.main(["--tiny"])
   assert all(0.0 <= acc <= 1.0 for acc in results.values())

@@ -1,0 +1,579 @@
+"""Tests for sgs_optax._channel (Channel-Directed Gradients).
+
+Golden values come from dense n x n matrices built from each metric's
+definition and applied with numpy, never from the FFT code under test.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sgs_optax import _channel
+from sgs_optax._channel import cdg
+from sgs_optax._channel import channel_directed_gradients
+
+METRICS = ("sobolev", "reweighted_l2", "reweighted_sobolev")
+BOUNDARIES = ("periodic", "neumann")
+LAYOUT_AXIS = {"HWIO": 3, "OIHW": 0}
+
+
+# ----------------------------------------------------------------------------
+# Dense references.
+
+
+def dense_laplacian(n, boundary):
+  """The channel Laplacian as a dense matrix, from its definition."""
+  lap = np.zeros((n, n))
+  if boundary == "periodic":
+    for i in range(n):
+      lap[i, i] -= 2.0
+      lap[i, (i + 1) % n] += 1.0
+      lap[i, (i - 1) % n] += 1.0
+  else:  # Reflecting ends: the ghost value equals the end value.
+    for i in range(n):
+      for k in (i - 1, i + 1):
+        if 0 <= k < n:
+          lap[i, k] += 1.0
+          lap[i, i] -= 1.0
+  return lap
+
+
+def dense_inverse_metric(n, lam, metric, boundary):
+  lap = dense_laplacian(n, boundary)
+  eye = np.eye(n)
+  p0 = np.full((n, n), 1.0 / n)
+  if metric == "sobolev":
+    return np.linalg.inv(eye - lam * lap)
+  if metric == "reweighted_l2":
+    return p0 + (eye - p0) / lam
+  mu_1 = np.sort(np.linalg.eigvalsh(-lap))[1]
+  return p0 + mu_1 / lam * np.linalg.pinv(-lap)
+
+
+def apply_along(matrix, g, axis):
+  moved = np.moveaxis(np.asarray(g, np.float64), axis, 0)
+  return np.moveaxis(np.tensordot(matrix, moved, axes=1), 0, axis)
+
+
+def randn(seed, shape):
+  # numpy, not jax.random: eager jax.random compiles once per shape.
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+def kernel_shape(layout, n, spatial=(3, 2), c_in=2):
+  sizes = {"H": spatial[0], "W": spatial[1], "I": c_in, "O": n}
+  return tuple(sizes[c] for c in layout)
+
+
+def run(tx, updates, params=None, jit=True):
+  update = jax.jit(tx.update) if jit else tx.update
+  out, _ = update(updates, tx.init(params or updates), params)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Correctness against the dense solve.
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+@pytest.mark.parametrize("layout", ["HWIO", "OIHW"])
+@pytest.mark.parametrize("n", [5, 6])
+def test_matches_dense_solve(metric, boundary, layout, n):
+  lam = 1.7
+  rng = np.random.default_rng(n)
+  g = rng.standard_normal(kernel_shape(layout, n))
+  expected = apply_along(
+      dense_inverse_metric(n, lam, metric, boundary), g, LAYOUT_AXIS[layout]
+  )
+  with jax.enable_x64(True):
+    tx = cdg(lam, metric=metric, boundary=boundary, kernel_layout=layout)
+    out = run(tx, {"k": jnp.asarray(g)})["k"]
+    assert out.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_laplacian_eigenvalues_match_dense_laplacian(boundary):
+  for n in (2, 5, 8):
+    want = np.sort(np.linalg.eigvalsh(-dense_laplacian(n, boundary)))
+    got = np.sort(_channel.laplacian_eigenvalues(n, boundary))
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_mean_over_output_channels_preserved(metric, boundary):
+  g = np.random.default_rng(0).standard_normal((2, 3, 4, 7))
+  with jax.enable_x64(True):
+    out = run(cdg(3.0, metric=metric, boundary=boundary), {"k": g})["k"]
+    np.testing.assert_allclose(
+        np.asarray(out).mean(-1), g.mean(-1), rtol=0, atol=1e-13
+    )
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_sobolev_small_smoothing_is_identity(boundary):
+  g = np.random.default_rng(1).standard_normal((3, 3, 2, 8))
+  with jax.enable_x64(True):
+    out = run(cdg(1e-12, boundary=boundary), {"k": g})["k"]
+    np.testing.assert_allclose(np.asarray(out), g, rtol=0, atol=1e-10)
+
+
+def test_reweighted_l2_smoothing_one_is_identity():
+  g = np.random.default_rng(2).standard_normal((3, 3, 2, 8))
+  with jax.enable_x64(True):
+    out = run(cdg(1.0, metric="reweighted_l2"), {"k": g})["k"]
+    np.testing.assert_allclose(np.asarray(out), g, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("layout", ["HWIO", "OIHW"])
+def test_sobolev_periodic_alternating_fibre(layout):
+  lam, n = 0.75, 6
+  fibre_shape = [1, 1, 1, 1]
+  fibre_shape[LAYOUT_AXIS[layout]] = n
+  sign = ((-1.0) ** np.arange(n)).reshape(fibre_shape)
+  g = np.broadcast_to(sign, kernel_shape(layout, n)).astype(np.float32)
+  out = run(cdg(lam, kernel_layout=layout), {"k": jnp.asarray(g)})["k"]
+  np.testing.assert_allclose(np.asarray(out), g / (1 + 4 * lam), atol=1e-6)
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_sobolev_never_increases_fibre_norm(boundary):
+  rng = np.random.default_rng(3)
+  grads = {
+      n: (rng.standard_normal((4, 5, 3, n))
+          * rng.uniform(0.1, 10, (4, 5, 3, 1))).astype(np.float32)
+      for n in (2, 3, 16, 33)
+  }
+  # A traced lambda: one compilation for all strengths.
+  update = jax.jit(lambda g, lam: cdg(lam, boundary=boundary).update(g, None))
+  for lam in (0.01, 1.0, 50.0):
+    out, _ = update(grads, jnp.float32(lam))
+    for n, g in grads.items():
+      before = np.linalg.norm(g, axis=-1)
+      after = np.linalg.norm(np.asarray(out[n]), axis=-1)
+      assert np.all(after <= before * (1 + 1e-6)), (n, lam)
+
+
+def test_reweighted_sobolev_lowest_mode_gain_is_one_over_lambda():
+  # Width-independent: the slowest periodic mode gains exactly 1/lam.
+  lam = 2.0
+  for n in (8, 64):
+    g = np.cos(2 * np.pi * np.arange(n) / n)[None, None, None, :]
+    out = run(cdg(lam, metric="reweighted_sobolev"), {"k": g})["k"]
+    np.testing.assert_allclose(np.asarray(out), g / lam, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Dtypes, jit, hyperparameter injection, optax wrappers.
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_dtype_and_shape_preserved_under_jit(dtype):
+  g32 = randn(0, (3, 3, 4, 8))
+  g = g32.astype(dtype)
+  out = run(cdg(), {"k": g, "b": jnp.ones((8,), dtype)})
+  assert out["k"].dtype == jnp.dtype(dtype) and out["k"].shape == g.shape
+  # Computed in float32 from the (already rounded) low-precision input.
+  ref = run(cdg(), {"k": g.astype(jnp.float32)})["k"].astype(dtype)
+  np.testing.assert_array_equal(
+      np.asarray(out["k"], np.float32), np.asarray(ref, np.float32)
+  )
+
+
+def test_float64_stays_float64():
+  with jax.enable_x64(True):
+    g = jnp.ones((3, 3, 2, 4), jnp.float64).at[..., 0].set(2.0)
+    for metric in METRICS:
+      out = run(cdg(metric=metric, boundary="neumann"), {"k": g})["k"]
+      assert out.dtype == jnp.float64 and out.shape == g.shape
+
+
+def test_inject_hyperparams_with_traced_smoothing():
+  g = {"k": randn(1, (3, 3, 2, 6))}
+  for metric, lam in (("sobolev", 0.5), ("reweighted_sobolev", 3.0)):
+    tx = optax.inject_hyperparams(cdg, static_args=("metric",))(
+        smoothing=lam, metric=metric
+    )
+    state = tx.init(g)
+    out, state = jax.jit(tx.update)(g, state, g)
+    np.testing.assert_allclose(
+        out["k"], run(cdg(lam, metric=metric), g)["k"], rtol=1e-6, atol=1e-6
+    )
+    # The hyperparameter can be changed in the state without retracing.
+    state.hyperparams["smoothing"] = jnp.asarray(2 * lam, jnp.float32)
+    out, _ = jax.jit(tx.update)(g, state, g)
+    np.testing.assert_allclose(
+        out["k"], run(cdg(2 * lam, metric=metric), g)["k"], atol=1e-6
+    )
+
+
+def test_inject_hyperparams_with_bfloat16_params():
+  # The injected smoothing is cast to bfloat16, the params' dtype.
+  g = {"k": randn(12, (3, 3, 2, 6)).astype(jnp.bfloat16)}
+  tx = optax.inject_hyperparams(cdg)(smoothing=0.5)
+  out, _ = jax.jit(tx.update)(g, tx.init(g), g)
+  assert out["k"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+      np.asarray(out["k"], np.float32),
+      np.asarray(run(cdg(0.5), g)["k"], np.float32),
+      atol=2e-2,
+  )
+
+
+def test_inject_hyperparams_still_validates_concrete_value_at_init():
+  tx = optax.inject_hyperparams(cdg)(smoothing=-1.0)
+  with pytest.raises(ValueError, match="smoothing"):
+    tx.init({"k": jnp.ones((1, 1, 1, 2))})
+
+
+def test_stateless_and_accepts_extra_args():
+  tx = cdg()
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  g = {"k": jnp.ones((3, 3, 2, 4))}
+  state = tx.init(g)
+  assert state == optax.EmptyState()
+  out, new_state = tx.update(g, state, None, some_extra_arg=1, loss=2.0)
+  assert new_state == optax.EmptyState()
+  np.testing.assert_allclose(out["k"], g["k"], atol=1e-6)
+
+
+def test_inside_optax_masked():
+  g = {
+      "conv": {"kernel": randn(2, (3, 3, 2, 6))},
+      "conv2": {"kernel": randn(3, (3, 3, 2, 6))},
+  }
+  tx = optax.masked(cdg(), {"conv": {"kernel": True}, "conv2": False})
+  out = run(tx, g)
+  np.testing.assert_allclose(
+      out["conv"]["kernel"], run(cdg(), g)["conv"]["kernel"], atol=1e-6
+  )
+  np.testing.assert_array_equal(out["conv2"]["kernel"], g["conv2"]["kernel"])
+
+
+def test_chain_with_weight_decay_and_sgd():
+  params = {"k": randn(4, (3, 3, 2, 6))}
+  g = {"k": randn(5, (3, 3, 2, 6))}
+  tx = optax.chain(cdg(), optax.add_decayed_weights(0.1), optax.sgd(0.5))
+  out = run(tx, g, params)["k"]
+  expected = -0.5 * (run(cdg(), g)["k"] + 0.1 * params["k"])
+  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Selection.
+
+
+def _tree():
+  rng = np.random.default_rng(6)
+  r = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  return {
+      "conv": {"kernel": r(3, 3, 2, 6), "bias": r(6)},
+      "conv1d": {"kernel": r(3, 2, 5), "bias": r(5)},
+      "dense": {"kernel": r(4, 6), "bias": r(6)},
+      "norm": {"scale": r(6), "bias": r(6)},
+      "head": {"kernel": r(3, 3, 6, 1)},
+      "step": jnp.asarray(3.0),
+  }
+
+
+def _reference_kernel(g, layout):
+  # float32 dense reference for the default sobolev/periodic metric.
+  axis = layout.index("O")
+  n = g.shape[axis]
+  return apply_along(dense_inverse_metric(n, 1.0, "sobolev", "periodic"), g,
+                     axis)
+
+
+def test_default_selects_only_2d_conv_kernels():
+  g = _tree()
+  out = run(cdg(), g)
+  np.testing.assert_allclose(
+      out["conv"]["kernel"], _reference_kernel(g["conv"]["kernel"], "HWIO"),
+      atol=1e-5,
+  )
+  for path in (("conv", "bias"), ("conv1d", "kernel"), ("conv1d", "bias"),
+               ("dense", "kernel"), ("dense", "bias"), ("norm", "scale"),
+               ("norm", "bias"), ("head", "kernel")):
+    a, b = out, g
+    for p in path:
+      a, b = a[p], b[p]
+    np.testing.assert_array_equal(a, b)  # bit-identical
+  np.testing.assert_array_equal(out["step"], g["step"])
+
+
+def test_unselected_leaves_are_the_same_objects_without_jit():
+  g = _tree()
+  out = run(cdg(), g, jit=False)
+  assert out["conv"]["bias"] is g["conv"]["bias"]
+  assert out["dense"]["kernel"] is g["dense"]["kernel"]
+  assert out["head"]["kernel"] is g["head"]["kernel"]  # C_out == 1
+
+
+@pytest.mark.parametrize("layout", ["HWIO", "OIHW"])
+def test_include_dense(layout):
+  dense = randn(7, (4, 6))
+  conv = randn(8, kernel_shape(layout, 6))
+  g = {"dense": dense, "conv": conv, "bias": jnp.ones(6)}
+  out = run(cdg(kernel_layout=layout, include_dense=True), g)
+  dense_layout = "IO" if layout == "HWIO" else "OI"
+  np.testing.assert_allclose(
+      out["dense"], _reference_kernel(dense, dense_layout), atol=1e-5
+  )
+  np.testing.assert_allclose(
+      out["conv"], _reference_kernel(conv, layout), atol=1e-5
+  )
+  np.testing.assert_array_equal(out["bias"], g["bias"])
+  off = run(cdg(kernel_layout=layout), g)
+  np.testing.assert_array_equal(off["dense"], dense)
+
+
+def test_1d_conv_via_layout_tree_and_callable():
+  g = _tree()
+  layouts = jax.tree.map(lambda _: None, g)
+  layouts["conv1d"]["kernel"] = "WIO"
+  layouts["conv"]["kernel"] = "HWIO"
+  for spec in (layouts, lambda tree: layouts):
+    out = run(cdg(kernel_layout=spec), g)
+    np.testing.assert_allclose(
+        out["conv1d"]["kernel"],
+        _reference_kernel(g["conv1d"]["kernel"], "WIO"),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        out["conv"]["kernel"], _reference_kernel(g["conv"]["kernel"], "HWIO"),
+        atol=1e-5,
+    )
+    np.testing.assert_array_equal(out["dense"]["kernel"], g["dense"]["kernel"])
+
+
+def test_mask_only_restricts():
+  g = _tree()
+  g["conv_b"] = {"kernel": g["conv"]["kernel"] * 2}
+  mask = jax.tree.map(lambda _: True, g)
+  mask["conv_b"] = False
+  for m in (mask, lambda tree: mask):
+    out = run(cdg(mask=m), g)
+    np.testing.assert_array_equal(
+        out["conv_b"]["kernel"], g["conv_b"]["kernel"]
+    )
+    np.testing.assert_allclose(
+        out["conv"]["kernel"], _reference_kernel(g["conv"]["kernel"], "HWIO"),
+        atol=1e-5,
+    )
+    # A True mask never adds a leaf the layout did not select.
+    np.testing.assert_array_equal(out["dense"]["kernel"], g["dense"]["kernel"])
+    np.testing.assert_array_equal(out["norm"]["scale"], g["norm"]["scale"])
+
+
+def test_output_channels_one_untouched_in_both_layouts():
+  for layout in ("HWIO", "OIHW"):
+    g = {"k": randn(9, kernel_shape(layout, 1))}
+    out = run(cdg(metric="reweighted_l2", kernel_layout=layout), g)
+    np.testing.assert_array_equal(out["k"], g["k"])
+
+
+# ----------------------------------------------------------------------------
+# Errors.
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(metric="h2"), "metric"),
+        (dict(boundary="dirichlet"), "boundary"),
+        (dict(smoothing=0.0), "smoothing"),
+        (dict(smoothing=-1.0), "smoothing"),
+        (dict(smoothing=float("nan")), "smoothing"),
+        (dict(smoothing=float("inf")), "smoothing"),
+        (dict(smoothing=jnp.ones(2)), "scalar"),
+        (dict(smoothing=0.5, metric="reweighted_l2"), "allow_amplification"),
+        (dict(smoothing=0.5, metric="reweighted_sobolev"),
+         "allow_amplification"),
+        (dict(smoothing=0.0, metric="reweighted_l2", allow_amplification=True),
+         "smoothing"),
+        (dict(kernel_layout="HWXO"), "kernel_layout"),
+        (dict(kernel_layout="HWII"), "kernel_layout"),
+    ],
+)
+def test_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    channel_directed_gradients(**kwargs)
+
+
+def test_amplification_allowed_when_asked():
+  g = {"k": jnp.ones((1, 1, 1, 4)).at[..., 0].set(5.0)}
+  for metric in ("reweighted_l2", "reweighted_sobolev"):
+    out = run(cdg(0.5, metric=metric, allow_amplification=True), g)["k"]
+    assert np.asarray(out).max() > 5.0
+  run(cdg(0.5, metric="sobolev"), g)  # sobolev never amplifies: no flag.
+
+
+def test_bad_layout_tree_raises_at_update():
+  g = {"k": jnp.ones((3, 3, 2, 4))}
+  with pytest.raises(ValueError, match="kernel_layout"):
+    run(cdg(kernel_layout={"k": "WIO"}), g)
+  with pytest.raises(ValueError, match="kernel_layout"):
+    run(cdg(kernel_layout={"k": "HWQO"}), g)
+
+
+def test_alias():
+  assert cdg is channel_directed_gradients
+
+
+# ----------------------------------------------------------------------------
+# Composition with spatial gradient scaling (sgs).
+
+
+def _hand_cdg(g):
+  return apply_along(dense_inverse_metric(g.shape[-1], 1.0, "sobolev",
+                                          "periodic"), g, 3)
+
+
+def _composition_setup():
+  rng = np.random.default_rng(11)
+  params = {
+      "conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 2, 6)),
+                                     jnp.float32),
+               "bias": jnp.zeros((6,), jnp.float32)},
+      "dense": {"kernel": jnp.asarray(rng.standard_normal((6, 3)),
+                                      jnp.float32)},
+  }
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape),
+                                              jnp.float32), params)
+           for _ in range(3)]
+  scaling = jnp.asarray(rng.uniform(0.2, 2.0, (3, 3)), jnp.float32)
+  return params, grads, scaling
+
+
+def _hand_transform(g, scaling, order):
+  """cdg and/or sgs applied by hand (numpy, float64) to the conv kernel."""
+  k = np.asarray(g["conv"]["kernel"], np.float64)
+  s = np.asarray(scaling, np.float64)[:, :, None, None]
+  for name in order:
+    k = _hand_cdg(k) if name == "cdg" else k * s
+  out = jax.tree.map(lambda x: x, g)
+  out["conv"] = dict(g["conv"], kernel=jnp.asarray(k, jnp.float32))
+  return out
+
+
+def _run_steps(tx, params, grads):
+  update = jax.jit(tx.update)
+  state, outs = tx.init(params), []
+  for g in grads:
+    u, state = update(g, state, params)
+    outs.append(u)
+  return outs
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_composition_with_sgs_matches_hand_composition(optimizer):
+  spatial = pytest.importorskip("sgs_optax._spatial")
+  params, grads, scaling = _composition_setup()
+  make_opt = {
+      "sgd": lambda: optax.sgd(0.1, momentum=0.9),
+      "adam": lambda: optax.adam(1e-2),
+  }[optimizer]
+  results = {}
+  for order in (("cdg", "sgs"), ("sgs", "cdg")):
+    parts = {"cdg": cdg(), "sgs": spatial.sgs(scaling)}
+    tx = optax.chain(*(parts[name] for name in order), make_opt())
+    got = _run_steps(tx, params, grads)
+    want = _run_steps(
+        make_opt(), params, [_hand_transform(g, scaling, order) for g in grads]
+    )
+    for a, b in zip(got, want):
+      jax.tree.map(
+          lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+          a, b)
+    results[order] = got
+  # They commute: cdg acts on the output axis, a (kh, kw) scaling on the
+  # spatial axes.
+  for a, b in zip(results[("cdg", "sgs")], results[("sgs", "cdg")]):
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+        a, b)
+
+
+def test_cdg_and_sgs_commute_on_raw_gradients():
+  spatial = pytest.importorskip("sgs_optax._spatial")
+  params, grads, _ = _composition_setup()
+  for tx_pair in ((cdg(), spatial.sgs("acb")),
+                  (cdg(metric="reweighted_sobolev", boundary="neumann"),
+                   spatial.sgs("repvgg"))):
+    a = run(optax.chain(*tx_pair), grads[0], params)
+    b = run(optax.chain(*tx_pair[::-1]), grads[0], params)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+        a, b)
+    assert not np.allclose(a["conv"]["kernel"], grads[0]["conv"]["kernel"])
+
+
+# ----------------------------------------------------------------------------
+# Sharding (subprocess: needs 8 host devices, and an XLA abort must not kill
+# the test runner).
+
+_SHARDING_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import contextlib
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from sgs_optax._channel import cdg
+
+    def check(mode, boundary, layout, sharded, inject=False, context=True):
+      mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(mode,) * 2)
+      axes = {"O": "b", "I": "a"}
+      shape = tuple({"H": 3, "W": 3, "I": 4, "O": 24}[c] for c in layout)
+      spec = P(*[axes[c] if c in sharded else None for c in layout])
+      g = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+      kw = dict(boundary=boundary, kernel_layout=layout)
+      want = np.asarray(cdg(**kw).update({"k": g}, None)[0]["k"])
+      with jax.set_mesh(mesh) if context else contextlib.nullcontext():
+        gs = {"k": jax.device_put(g, NamedSharding(mesh, spec))}
+        if inject:
+          tx = optax.inject_hyperparams(
+              cdg, static_args=("boundary", "kernel_layout"))(
+                  smoothing=1.0, **kw)
+        else:
+          tx = cdg(**kw)
+        out = jax.jit(lambda u, s: tx.update(u, s)[0])(gs, tx.init(gs))["k"]
+      np.testing.assert_allclose(np.asarray(out), want, atol=1e-5)
+      if mode == AxisType.Explicit:
+        assert out.sharding.spec == spec, (out.sharding.spec, spec)
+      print("ok", mode, boundary, layout, sharded, inject, context)
+
+    # Automatic sharding: before the fix, XLA aborted the process (SPMD
+    # fft_handler.cc check) or failed (CPU fft_thunk.cc:168 layout check).
+    check(AxisType.Auto, "periodic", "HWIO", "O")
+    check(AxisType.Auto, "neumann", "HWIO", "O")
+    check(AxisType.Auto, "periodic", "OIHW", "I")
+    # Explicit sharding: rfft bins cannot keep a channel sharding.
+    check(AxisType.Explicit, "neumann", "HWIO", "OI", inject=True)
+    check(AxisType.Explicit, "periodic", "OIHW", "I")
+    check(AxisType.Explicit, "periodic", "HWIO", "O", context=False)
+""")
+
+
+def test_sharded_kernels_inside_jit_subprocess():
+  env = dict(os.environ)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(
+      p for p in (root, env.get("PYTHONPATH")) if p
+  )
+  env["JAX_PLATFORMS"] = "cpu"
+  result = subprocess.run(
+      [sys.executable, "-c", _SHARDING_SCRIPT],
+      env=env, capture_output=True, text=True, timeout=300,
+  )
+  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  assert result.stdout.count("ok") == 6, result.stdout
