@@ -555,6 +555,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   print(f"step {int(state.step)}: test accuracy {accuracy:.4f} "
         f"({len(data.x_test)} images), {int(state.refresh_count)} SGS "
         "refreshes")
+  if config.sgs != "none":
+    scalings = sgs_optax.get_scalings(state.opt_state)
+    for path, matrix in jax.tree_util.tree_leaves_with_path(scalings):
+      name = jax.tree_util.keystr(path, simple=True, separator="/")
+      print(f"SGS matrix of {name}:\n{np.round(np.asarray(matrix), 3)}")
   return {"accuracy": accuracy, "step": int(state.step),
           "refresh_count": int(state.refresh_count), "state": state}
 

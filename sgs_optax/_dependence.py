@@ -572,6 +572,20 @@ def _dependence_impl(
   return dependence
 
 
+def _replicate_if_explicitly_sharded(inputs: jax.Array) -> jax.Array:
+  """Gathers inputs whose type carries an explicit (non-GSPMD) sharding.
+
+  The per-cell counts are scatter-adds over every pixel of the batch: under
+  explicit sharding their output sharding would be ambiguous, so the inputs
+  are gathered onto every device first. Automatic (GSPMD) sharding needs no
+  gather: XLA all-reduces the small count tables itself.
+  """
+  spec = getattr(getattr(jax.typeof(inputs), "sharding", None), "spec", None)
+  if spec is None or all(axis is None for axis in spec):
+    return inputs
+  return jax.sharding.reshard(inputs, jax.sharding.PartitionSpec())
+
+
 def spatial_dependence(
     inputs: jax.Array,
     kernel_size: Sequence[int] = (3, 3),
@@ -707,7 +721,7 @@ def spatial_dependence(
       # No displacement would be sampled: share the full-data compile.
       subsample = None
   return _dependence_impl(
-      inputs,
+      _replicate_if_explicitly_sharded(inputs),
       jnp.asarray(k, jnp.float32),
       key if subsample is not None else None,
       kernel_size=kernel_size,

@@ -353,7 +353,12 @@ SHARDED_SCRIPT = textwrap.dedent(
     assert len(sharded.addressable_shards) == 4
     plain = np.asarray(spatial_dependence(x))
     split = np.asarray(spatial_dependence(sharded))
-    print(json.dumps([plain.tolist(), split.tolist()]))
+    explicit_mesh = jax.make_mesh((4,), ("batch",),
+                                  axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(explicit_mesh):
+      explicit = jax.device_put(x, NamedSharding(explicit_mesh, P("batch")))
+      in_jit = np.asarray(jax.jit(spatial_dependence)(explicit))
+    print(json.dumps([plain.tolist(), split.tolist(), in_jit.tolist()]))
     """
 )
 
@@ -373,9 +378,11 @@ def test_batch_sharded_inputs_give_the_same_matrix(tmp_path):
       timeout=300, check=False,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  plain, split = map(np.asarray, json.loads(proc.stdout.splitlines()[-1]))
+  plain, split, explicit = map(
+      np.asarray, json.loads(proc.stdout.splitlines()[-1]))
   assert not np.isnan(plain).any() and not np.allclose(plain, 1.0)
   np.testing.assert_allclose(split, plain, atol=1e-6, rtol=0)
+  np.testing.assert_allclose(explicit, plain, atol=1e-6, rtol=0)
 
 
 @pytest.mark.slow

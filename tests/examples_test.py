@@ -24,3 +24,12 @@ def test_nnx_example_tiny_refreshes_the_matrices():
 def test_adam_example_tiny():
   results = adam_training.main(["--tiny"])
   assert all(0.0 <= acc <= 1.0 for acc in results.values())
+
+
+def test_linen_resnet_example_tiny_prints_learned_matrices(capsys):
+  from examples import train_linen  # pylint: disable=g-import-not-at-top
+
+  results = train_linen.main(["--tiny"])
+  assert results["refresh_count"] >= 1
+  printed = capsys.readouterr().out
+  assert "SGS matrix of" in printed and "test accuracy" in printed
