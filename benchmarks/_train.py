@@ -183,6 +183,16 @@ class Trainer:
     return TrainState(params, variables.get("batch_stats", {}),
                       self._tx_init(params))
 
+  @property
+  def train_step(self):
+    """The jitted ``train_step(state, images, labels, key)``."""
+    return self._train_step
+
+  @property
+  def refresh_step(self):
+    """The jitted learned-SGS refresh, or None without ``refresh=True``."""
+    return self._refresh
+
   def step_compilations(self) -> int:
     """How many variants of the train step were compiled (should be 1)."""
     cache_size = getattr(self._train_step, "_cache_size", None)
