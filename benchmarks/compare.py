@@ -34,8 +34,7 @@ presets are unnormalised (exactly the branched networks' dynamics). The
 reported accuracy is the FINAL epoch's test accuracy (never the best epoch),
 mean and sample standard deviation over seeds. "s/epoch" counts the train
 steps only; the learned methods' refresh time is reported apart, and compile
-times are measured once per method before the timed runs. Methods whose
-library pieces are missing from ``sgs_optax`` are skipped with a note.
+times are measured once per method before the timed runs.
 """
 
 from __future__ import annotations
@@ -55,6 +54,8 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+
+import sgs_optax
 
 from benchmarks import _data
 from benchmarks import _models
@@ -84,20 +85,9 @@ class Hyper:
 @dataclasses.dataclass(frozen=True)
 class Method:
   name: str
-  requires: tuple[str, ...]
   build: Callable[[Hyper], optax.GradientTransformation]
   conv: str = "plain"  # "plain", "acb" or "repvgg" (BranchedConv).
   learned: bool = False
-
-
-def _sgs(*args, **kwargs):
-  import sgs_optax  # pylint: disable=g-import-not-at-top
-  return sgs_optax.sgs(*args, **kwargs)
-
-
-def _cdg():
-  import sgs_optax  # pylint: disable=g-import-not-at-top
-  return sgs_optax.cdg()
 
 
 def _cosine(lr: float, h: Hyper):
@@ -118,37 +108,18 @@ def _adamw(h: Hyper):
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("sgd", (), _sgd),
-    Method("sgs-acb", ("sgs",), lambda h: _sgd(h, _sgs("acb"))),
-    Method("sgs-repvgg", ("sgs",), lambda h: _sgd(h, _sgs("repvgg"))),
-    Method("sgs-learned", ("sgs", "capture_conv_inputs", "refresh_scalings"),
-           lambda h: _sgd(h, _sgs(None)), learned=True),
-    Method("cdg", ("cdg",), lambda h: _sgd(h, _cdg())),
+    Method("sgd", _sgd),
+    Method("sgs-acb", lambda h: _sgd(h, sgs_optax.sgs("acb"))),
+    Method("sgs-repvgg", lambda h: _sgd(h, sgs_optax.sgs("repvgg"))),
+    Method("sgs-learned", lambda h: _sgd(h, sgs_optax.sgs()), learned=True),
+    Method("cdg", lambda h: _sgd(h, sgs_optax.cdg())),
     Method("cdg+sgs-learned",
-           ("sgs", "cdg", "capture_conv_inputs", "refresh_scalings"),
-           lambda h: _sgd(h, _sgs(None), _cdg()), learned=True),
-    Method("acb-branched", ("BranchedConv", "merge_branches"), _sgd,
-           conv="acb"),
-    Method("repvgg-branched", ("BranchedConv", "merge_branches"), _sgd,
-           conv="repvgg"),
-    Method("adamw", (), _adamw),
-    Method("adamw+sgs", ("sgs",), lambda h: optax.chain(_adamw(h),
-                                                        _sgs("acb"))),
+           lambda h: _sgd(h, sgs_optax.sgs(), sgs_optax.cdg()), learned=True),
+    Method("acb-branched", _sgd, conv="acb"),
+    Method("repvgg-branched", _sgd, conv="repvgg"),
+    Method("adamw", _adamw),
+    Method("adamw+sgs", lambda h: optax.chain(_adamw(h), sgs_optax.sgs("acb"))),
 ]}
-
-
-def available(name: str) -> bool:
-  """Whether ``sgs_optax`` provides ``name`` (lazy Flax names included)."""
-  try:
-    import sgs_optax  # pylint: disable=g-import-not-at-top
-    getattr(sgs_optax, name)
-  except Exception:  # pylint: disable=broad-except
-    return False
-  return True
-
-
-def missing_requirements(method: Method) -> list[str]:
-  return [name for name in method.requires if not available(name)]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -471,15 +442,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f", {args.epochs} epochs x {steps_per_epoch} steps, batch "
         f"{args.batch_size}, {args.seeds} seed(s)", flush=True)
 
-  skipped = {}
-  selected = []
-  for name in args.methods:
-    missing = missing_requirements(METHODS[name])
-    if missing:
-      skipped[name] = f"sgs_optax has no {', '.join(missing)} yet"
-      print(f"note: skipping {name}: {skipped[name]}", flush=True)
-    else:
-      selected.append(METHODS[name])
+  selected = [METHODS[name] for name in args.methods]
 
   plain_eval = _train.Trainer(
       _models.make_model(args.model, _data.num_classes(args.dataset),
@@ -515,7 +478,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       },
       "environment": _environment(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      "skipped": skipped,
       "methods": records,
       "table": table,
       "total_wall_time_s": total,

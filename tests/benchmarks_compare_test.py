@@ -13,11 +13,6 @@ from benchmarks import _train
 from benchmarks import compare
 
 
-def _has_branched_conv() -> bool:
-  return compare.available("BranchedConv") and compare.available(
-      "merge_branches")
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   out_dir = tmp_path_factory.mktemp("compare")
@@ -41,14 +36,10 @@ def test_tiny_run_writes_json_and_png(tiny_run):
 
 
 @pytest.mark.slow
-def test_tiny_run_covers_every_available_method(tiny_run):
+def test_tiny_run_covers_every_method(tiny_run):
   results, _, _ = tiny_run
-  ran = {m["method"] for m in results["methods"]}
-  expected = {name for name, method in compare.METHODS.items()
-              if not compare.missing_requirements(method)}
-  assert ran == expected
-  assert set(results["skipped"]) == set(compare.METHODS) - expected
-  assert {"sgd", "adamw"} <= ran  # need nothing from sgs_optax.
+  ran = [m["method"] for m in results["methods"]]
+  assert ran == list(compare.METHODS)
   epochs = results["settings"]["epochs"]
   for record in results["methods"]:
     assert len(record["runs"]) == 2
@@ -83,8 +74,6 @@ def test_tiny_run_seeds_are_paired_and_reproducible(tiny_run):
 
 @pytest.mark.slow
 def test_tiny_run_merged_model_equals_branched_model(tiny_run):
-  if not _has_branched_conv():
-    pytest.skip("sgs_optax has no BranchedConv / merge_branches yet")
   results, _, _ = tiny_run
   branched = [m for m in results["methods"] if m["model_conv"] != "plain"]
   assert {m["method"] for m in branched} == {"acb-branched", "repvgg-branched"}
@@ -139,8 +128,6 @@ def test_merged_resnet_block_equals_branched_block(preset, size):
 
   (The --tiny run checks the same on small_vgg for both presets.)
   """
-  if not _has_branched_conv():
-    pytest.skip("sgs_optax has no BranchedConv / merge_branches yet")
   factory = _models.branched_conv(preset)
   plain, branched = _block(_models.plain_conv), _block(factory)
   # rbg keys: the same test, much faster to compile than threefry on CPU.
@@ -170,8 +157,6 @@ def test_merged_resnet_block_equals_branched_block(preset, size):
 @pytest.mark.parametrize("preset", ["acb", "repvgg"])
 def test_merged_param_tree_is_the_plain_models(name, preset):
   """Full-size models, abstractly (no compilation): same tree, same shapes."""
-  if not _has_branched_conv():
-    pytest.skip("sgs_optax has no BranchedConv / merge_branches yet")
   channels = 1 if name == "small_vgg" else 3
   x = jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32)
   key = jax.random.key(0)
@@ -203,11 +188,3 @@ def test_parse_args_defaults():
   assert tiny.methods == ["sgd", "sgs-acb"]
   with pytest.raises(SystemExit):
     compare.parse_args(["--methods", "sgd,nope"])
-
-
-def test_registry_skips_methods_whose_pieces_are_missing(monkeypatch):
-  monkeypatch.setattr(compare, "available", lambda name: name != "cdg")
-  assert compare.missing_requirements(compare.METHODS["cdg"]) == ["cdg"]
-  assert compare.missing_requirements(
-      compare.METHODS["cdg+sgs-learned"]) == ["cdg"]
-  assert compare.missing_requirements(compare.METHODS["sgs-learned"]) == []
