@@ -12,7 +12,7 @@ import optax
 from sgs_optax import _branches
 from sgs_optax import _kernels
 
-Scaling = str | jax.Array | np.ndarray | Any  # a preset, an array, or a tree.
+Scaling = Any  # None, a preset name, an array, or a params-shaped tree.
 
 
 class SpatialScalingState(NamedTuple):
@@ -213,14 +213,14 @@ def spatial_gradient_scaling(
 
   def init_fn(params: optax.Params) -> SpatialScalingState:
     layouts = _kernels.resolve_layouts(params, kernel_layout, mask)
-    if is_single_array or scaling is None or isinstance(scaling, str):
+    if scaling is None or isinstance(scaling, str):
       given_tree = jax.tree.map(lambda _: None, layouts,
                                 is_leaf=_kernels.is_layout_leaf)
-      if is_single_array:
-        given_tree = jax.tree.map(
-            lambda layout: None if layout is None else scaling, layouts,
-            is_leaf=_kernels.is_layout_leaf,
-        )
+    elif is_single_array:
+      given_tree = jax.tree.map(
+          lambda layout: None if layout is None else scaling, layouts,
+          is_leaf=_kernels.is_layout_leaf,
+      )
     else:
       given_tree = scaling
       try:
