@@ -11,9 +11,8 @@
 Images are float32 NHWC in [0, 1] (or standardised per channel with the
 training-set statistics when ``normalize=True``); labels are int32.
 
-Batches come from :func:`epoch_batches`: a seeded shuffle per epoch, with
-``grain.MapDataset`` when grain is installed and a numpy permutation otherwise
-(the two orders differ; the benchmark records which one it used).
+Batches come from :func:`epoch_batches`: a seeded numpy permutation per epoch,
+the same whichever optional packages are installed.
 """
 
 from __future__ import annotations
@@ -193,19 +192,6 @@ def load_dataset(
   )
 
 
-def _has_grain() -> bool:
-  try:
-    import grain  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
-
-
-def batcher_name() -> str:
-  """Which shuffler :func:`epoch_batches` uses here ("grain" or "numpy")."""
-  return "grain" if _has_grain() else "numpy"
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
   """A 32-bit seed for one epoch's shuffle, derived from the run seed."""
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
@@ -217,8 +203,9 @@ def epoch_batches(
   """Yields index batches of one epoch, shuffled by ``(seed, epoch)``.
 
   The last incomplete batch is dropped so that every batch has the same shape
-  (one compilation of the train step). Deterministic for a given seed, epoch
-  and batcher (:func:`batcher_name`).
+  (one compilation of the train step). A seeded numpy permutation, so the
+  order depends only on ``(seed, epoch)``, never on which optional packages
+  are installed.
 
   Args:
     num_examples: dataset size.
@@ -230,18 +217,7 @@ def epoch_batches(
     int64 index arrays of shape ``(batch_size,)``.
   """
   batch_size = min(batch_size, num_examples)
-  if _has_grain():
-    import grain  # pylint: disable=g-import-not-at-top
-
-    ds = (
-        grain.MapDataset.source(np.arange(num_examples))
-        .shuffle(seed=epoch_seed(seed, epoch))
-        .batch(batch_size, drop_remainder=True)
-    )
-    for i in range(len(ds)):
-      yield np.asarray(ds[i], dtype=np.int64)
-  else:
-    perm = np.random.default_rng(epoch_seed(seed, epoch)).permutation(
-        num_examples)
-    for i in range(num_examples // batch_size):
-      yield perm[i * batch_size:(i + 1) * batch_size]
+  perm = np.random.default_rng(epoch_seed(seed, epoch)).permutation(
+      num_examples)
+  for i in range(num_examples // batch_size):
+    yield perm[i * batch_size:(i + 1) * batch_size]

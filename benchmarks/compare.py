@@ -421,7 +421,6 @@ def _environment() -> dict[str, Any]:
       "flax": flax.__version__,
       "sgs_optax": getattr(sgs_optax, "__version__", None),
       "devices": [str(d) for d in jax.devices()],
-      "batcher": _data.batcher_name(),
   }
 
 
@@ -429,7 +428,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the comparison; returns the results dict (also written by --out)."""
   args = parse_args(argv)
   start = time.perf_counter()
-  _data.batcher_name()  # imports grain (if any) before anything is timed.
   data = _load(args)
   x_train = data[0]
   steps_per_epoch = len(x_train) // min(args.batch_size, len(x_train))
