@@ -42,10 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
-import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +56,7 @@ import sgs_optax
 
 from benchmarks import _data
 from benchmarks import _models
+from benchmarks import _report
 from benchmarks import _train
 
 # Default epochs and batch size per dataset. The digits default (all methods x
@@ -94,7 +92,7 @@ def _cosine(lr: float, h: Hyper):
   return optax.cosine_decay_schedule(lr, max(1, h.total_steps))
 
 
-def _sgd(h: Hyper, *first: optax.GradientTransformation):
+def sgd_chain(h: Hyper, *first: optax.GradientTransformation):
   return optax.chain(
       *first,
       optax.add_decayed_weights(h.weight_decay),
@@ -108,15 +106,15 @@ def _adamw(h: Hyper):
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("sgd", _sgd),
-    Method("sgs-acb", lambda h: _sgd(h, sgs_optax.sgs("acb"))),
-    Method("sgs-repvgg", lambda h: _sgd(h, sgs_optax.sgs("repvgg"))),
-    Method("sgs-learned", lambda h: _sgd(h, sgs_optax.sgs()), learned=True),
-    Method("cdg", lambda h: _sgd(h, sgs_optax.cdg())),
+    Method("sgd", sgd_chain),
+    Method("sgs-acb", lambda h: sgd_chain(h, sgs_optax.sgs("acb"))),
+    Method("sgs-repvgg", lambda h: sgd_chain(h, sgs_optax.sgs("repvgg"))),
+    Method("sgs-learned", lambda h: sgd_chain(h, sgs_optax.sgs()), learned=True),
+    Method("cdg", lambda h: sgd_chain(h, sgs_optax.cdg())),
     Method("cdg+sgs-learned",
-           lambda h: _sgd(h, sgs_optax.sgs(), sgs_optax.cdg()), learned=True),
-    Method("acb-branched", _sgd, conv="acb"),
-    Method("repvgg-branched", _sgd, conv="repvgg"),
+           lambda h: sgd_chain(h, sgs_optax.sgs(), sgs_optax.cdg()), learned=True),
+    Method("acb-branched", sgd_chain, conv="acb"),
+    Method("repvgg-branched", sgd_chain, conv="repvgg"),
     Method("adamw", _adamw),
     Method("adamw+sgs", lambda h: optax.chain(_adamw(h), sgs_optax.sgs("acb"))),
 ]}
@@ -409,21 +407,6 @@ def plot(records: Sequence[dict[str, Any]], path: str, title: str) -> None:
   plt.close(fig)
 
 
-def _environment() -> dict[str, Any]:
-  import flax  # pylint: disable=g-import-not-at-top
-  import sgs_optax  # pylint: disable=g-import-not-at-top
-  return {
-      "python": platform.python_version(),
-      "platform": platform.platform(),
-      "cpu_count": os.cpu_count(),
-      "jax": jax.__version__,
-      "optax": optax.__version__,
-      "flax": flax.__version__,
-      "sgs_optax": getattr(sgs_optax, "__version__", None),
-      "devices": [str(d) for d in jax.devices()],
-  }
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the comparison; returns the results dict (also written by --out)."""
   args = parse_args(argv)
@@ -474,34 +457,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           "seeds_list": list(range(args.seeds)),
           "merge_rtol": MERGE_RTOL,
       },
-      "environment": _environment(),
+      "environment": _report.environment(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
       "methods": records,
       "table": table,
       "total_wall_time_s": total,
   }
   if args.out:
-    directory = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(directory, exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=1, default=_json_default)
-    print(f"wrote {args.out}")
+    _report.write_json(args.out, results)
   if args.plot:
     plot(records, args.plot,
          f"{args.dataset} / {args.model}: {args.epochs} epochs, "
          f"{args.seeds} seed(s)")
     print(f"wrote {args.plot}")
   return results
-
-
-def _json_default(value):
-  if isinstance(value, (np.floating, np.integer)):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  if isinstance(value, float) and math.isnan(value):
-    return None
-  raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
 if __name__ == "__main__":

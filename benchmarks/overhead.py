@@ -75,7 +75,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import json
 import math
 import os
 import statistics
@@ -91,6 +90,7 @@ import optax
 
 from benchmarks import _data
 from benchmarks import _models
+from benchmarks import _report
 from benchmarks import _train
 from benchmarks import compare
 
@@ -123,7 +123,7 @@ class Method:
 
 def _sgs_cdg(h: compare.Hyper) -> optax.GradientTransformation:
   import sgs_optax  # pylint: disable=g-import-not-at-top
-  return compare._sgd(h, sgs_optax.sgs("acb"), sgs_optax.cdg())  # pylint: disable=protected-access
+  return compare.sgd_chain(h, sgs_optax.sgs("acb"), sgs_optax.cdg())
 
 
 METHODS = (
@@ -653,20 +653,11 @@ def format_part2(real: dict[str, Any] | None,
   return "\n".join(lines)
 
 
-def _environment() -> dict[str, Any]:
-  env = compare._environment()  # pylint: disable=protected-access
-  try:
-    env["loadavg"] = list(os.getloadavg())
-  except OSError:
-    pass
-  return env
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs both parts; returns the results dict (also written by --out)."""
   args = parse_args(argv)
   start = time.perf_counter()
-  load_start = _environment().get("loadavg")
+  load_start = _report.environment().get("loadavg")
   _log(f"models {args.models}, batch {args.batch_size}, width "
        f"{args.width or 'default'}, {args.rounds} rounds x "
        f"{args.steps_per_round} step(s); {os.cpu_count()} CPU(s), load "
@@ -699,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "peers_orepa_paper": PEERS, "real_run": REAL_RUN,
                    "input_shape": [32, 32, 3], "prng_impl": "rbg",
                    "hyper": dataclasses.asdict(_hyper(args.batch_size))},
-      "environment": _environment(),
+      "environment": _report.environment(),
       "loadavg_start": load_start,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
       "models": results,
@@ -709,11 +700,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "total_wall_time_s": total,
   }
   if args.out:
-    directory = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(directory, exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(out, f, indent=1, default=compare._json_default)  # pylint: disable=protected-access
-    print(f"wrote {args.out}")
+    _report.write_json(args.out, out)
   return out
 
 

@@ -48,7 +48,6 @@ def main(argv=None):
                                args.process_id, initialization_timeout=120)
   # Imported after initialisation: nothing may touch the backend before it.
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

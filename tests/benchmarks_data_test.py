@@ -10,21 +10,6 @@ import pytest
 from benchmarks import _data
 
 
-@pytest.fixture
-def tfds(monkeypatch):
-  tfds = pytest.importorskip("tensorflow_datasets")
-
-  def no_download(*args, **kwargs):
-    raise AssertionError("a test tried to download or prepare a dataset")
-
-  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
-                      no_download)
-  monkeypatch.setattr(tfds.download.DownloadManager, "download", no_download)
-  monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract",
-                      no_download)
-  return tfds
-
-
 def _check_arrays(arrays, image_shape, n_classes):
   x_train, y_train, x_test, y_test = arrays
   for x, y in ((x_train, y_train), (x_test, y_test)):
