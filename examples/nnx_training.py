@@ -40,9 +40,7 @@ class CNN(nnx.Module):
 def refresh(model: nnx.Module, optimizer: nnx.Optimizer, batch) -> None:
   """Recomputes the SGS matrices inside an `nnx.Optimizer` in place."""
   captured = sgs_optax.capture_conv_inputs(model, batch)
-  state = sgs_optax.refresh_scalings(nnx.as_pure(optimizer.opt_state),
-                                     captured)
-  nnx.update(optimizer.opt_state, nnx.state(state))
+  sgs_optax.refresh_scalings(optimizer.opt_state, captured)
 
 
 @nnx.jit

@@ -10,6 +10,7 @@ import importlib
 
 from sgs_optax._branches import branch_scaling
 from sgs_optax._branches import merge_branches
+from sgs_optax._capture import capture_conv_inputs
 from sgs_optax._channel import cdg
 from sgs_optax._channel import channel_directed_gradients
 from sgs_optax._dependence import dependence_to_scaling
@@ -20,6 +21,7 @@ from sgs_optax._kernels import resolve_layouts
 from sgs_optax._refresh import ConvInput
 from sgs_optax._refresh import refresh_scalings
 from sgs_optax._spatial import get_scalings
+from sgs_optax._spatial import ScalingTable
 from sgs_optax._spatial import sgs
 from sgs_optax._spatial import spatial_gradient_scaling
 from sgs_optax._spatial import SpatialScalingState
@@ -29,7 +31,6 @@ __version__ = "0.1.0"
 # Public names whose modules import Flax.
 _FLAX_NAMES = {
     "BranchedConv": "sgs_optax._branched_conv",
-    "capture_conv_inputs": "sgs_optax._capture",
 }
 
 

@@ -80,6 +80,11 @@ def branch_offsets(kernel_size: Sequence[int], branch: Branch) -> Branch:
 def _check_scales(
     branches: Sequence[Branch], scales: Sequence[Scale] | None
 ) -> list[np.ndarray]:
+  if not branches:
+    raise ValueError(
+        "branches is empty: a branch set needs at least one branch (its "
+        "matrix would be all zeros and freeze the kernel)."
+    )
   if scales is None:
     return [np.ones(()) for _ in branches]
   if len(scales) != len(branches):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,6 @@ from jax.sharding import PartitionSpec as P
 
 from sgs_optax._kernels import KernelLayoutSpec
 from sgs_optax._kernels import Layout
-from sgs_optax._kernels import MaskSpec
 from sgs_optax._kernels import map_layouts
 from sgs_optax._kernels import parse_layout
 from sgs_optax._kernels import resolve_layouts
@@ -285,7 +285,7 @@ def channel_directed_gradients(
     metric: str = "sobolev",
     boundary: str = "periodic",
     kernel_layout: KernelLayoutSpec = "HWIO",
-    mask: MaskSpec | None = None,
+    mask: Any = None,
     include_dense: bool = False,
     allow_amplification: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -359,8 +359,9 @@ def channel_directed_gradients(
       default 2-D conv kernels); 1-D and 3-D conv kernels are selected only
       when a layout tree or callable names them. See
       :mod:`sgs_optax._kernels`.
-    mask: optional optax-style boolean mask (pytree, prefix or callable); it
-      only removes leaves from the selection.
+    mask: optional optax-style boolean mask (pytree, prefix or callable); the
+      transform is then ``optax.masked(..., mask)``, so it only removes leaves
+      from the selection.
     include_dense: with a string ``kernel_layout``, also treat 2-D leaves as
       dense kernels (``"IO"`` for ``"HWIO"``, ``"OI"`` for ``"OIHW"``).
     allow_amplification: allow ``smoothing < 1`` with the re-weighted metrics,
@@ -424,14 +425,15 @@ def channel_directed_gradients(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     layouts = resolve_layouts(
-        updates, kernel_layout, mask, include_dense=include_dense
+        updates, kernel_layout, include_dense=include_dense
     )
     leaf_fn = functools.partial(
         _transform_leaf, lam=lam, metric=metric, boundary=boundary
     )
     return map_layouts(leaf_fn, layouts, updates), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return tx if mask is None else optax.masked(tx, mask)
 
 
 cdg = channel_directed_gradients

@@ -7,7 +7,9 @@ A *layout* is a string of axis letters, one per array dimension:
 
 * ``"O"``: the output-channel axis (exactly one);
 * ``"I"``: the input-channel axis (exactly one);
-* ``"D"``, ``"H"``, ``"W"``: spatial axes (each at most once).
+* ``"D"``, ``"H"``, ``"W"``: spatial axes (each at most once);
+* ``"L"``: a leading stack of layers (at most once, first), as ``nn.scan``
+  or a ``jax.lax.scan`` over layers stores their kernels: ``"LHWIO"``.
 
 Flax and Haiku conv kernels are ``"HWIO"``; PyTorch-style and Equinox conv
 weights are ``"OIHW"``; Flax ``ConvTranspose(transpose_kernel=True)`` is
@@ -24,23 +26,24 @@ A *kernel layout spec*, as accepted by the public transforms, is one of:
   ``None`` per leaf;
 * a callable ``params -> such a pytree``.
 
-A *mask* (optax style: a pytree of booleans, possibly a prefix of the params,
-or a callable returning one) only ever removes leaves from the selection.
+Leaves that ``optax.masked`` or ``optax.partition`` replaced by
+``optax.MaskedNode`` are never selected, whatever the spec says there.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Layout: TypeAlias = str
 LayoutTree: TypeAlias = Any  # a params-shaped pytree of `Layout | None`.
 KernelLayoutSpec: TypeAlias = Layout | LayoutTree | Callable[[Any], LayoutTree]
-MaskSpec: TypeAlias = Any | Callable[[Any], Any]
 
 _SPATIAL_LETTERS = "DHW"
 
@@ -52,6 +55,7 @@ class KernelAxes(NamedTuple):
   input: int
   output: int
   ndim: int
+  stack: int | None = None  # the "L" axis of stacked layers, if any.
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,50 +63,76 @@ def parse_layout(layout: Layout) -> KernelAxes:
   """Parses and validates a layout string such as ``"HWIO"``.
 
   Args:
-    layout: one letter per axis: ``O`` (output), ``I`` (input), and spatial
-      letters ``D``, ``H``, ``W``.
+    layout: one letter per axis: ``O`` (output), ``I`` (input), spatial
+      letters ``D``, ``H``, ``W``, and an optional leading ``L`` (a stack of
+      layers).
 
   Returns:
     The axis positions.
 
   Raises:
     ValueError: if the string is not a valid layout.
+
+  Examples:
+    >>> from sgs_optax import parse_layout
+    >>> parse_layout("OIHW")
+    KernelAxes(spatial=(2, 3), input=1, output=0, ndim=4, stack=None)
   """
   if not isinstance(layout, str):
     raise ValueError(
         f"kernel_layout must be a string such as 'HWIO' or 'OIHW', got "
         f"{layout!r}."
     )
-  allowed = set(_SPATIAL_LETTERS + "IO")
+  allowed = set(_SPATIAL_LETTERS + "IOL")
   bad = set(layout) - allowed
-  if bad or layout.count("O") != 1 or layout.count("I") != 1 or any(
-      layout.count(c) > 1 for c in _SPATIAL_LETTERS
-  ):
+  if (bad or layout.count("O") != 1 or layout.count("I") != 1
+      or any(layout.count(c) > 1 for c in _SPATIAL_LETTERS + "L")
+      or layout.find("L") > 0):
     raise ValueError(
-        f"Unknown kernel_layout {layout!r}: expected one 'O', one 'I' and at "
-        "most one each of the spatial letters 'D', 'H', 'W' (for example "
-        "'HWIO' for Flax, 'OIHW' for PyTorch-style weights)."
+        f"Unknown kernel_layout {layout!r}: expected one 'O', one 'I', at "
+        "most one each of the spatial letters 'D', 'H', 'W', and optionally "
+        "a leading 'L' for stacked layers (for example 'HWIO' for Flax, "
+        "'OIHW' for PyTorch-style weights, 'LHWIO' under nn.scan)."
     )
   spatial = tuple(i for i, c in enumerate(layout) if c in _SPATIAL_LETTERS)
-  return KernelAxes(spatial, layout.index("I"), layout.index("O"), len(layout))
+  stack = 0 if layout.startswith("L") else None
+  return KernelAxes(spatial, layout.index("I"), layout.index("O"),
+                    len(layout), stack)
+
+
+def plain_arrays(tree: Any) -> Any:
+  """``tree`` with any Flax NNX ``Variable`` replaced by its value.
+
+  ``nnx.Optimizer`` initialises a transform with a state of Variables and
+  updates it with plain arrays; reading both the same way keeps the parameter
+  paths, hence the SGS state's keys, identical.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  return tree if nnx is None else nnx.as_pure(tree)
+
+
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
 
 
 def is_layout_leaf(x: Any) -> bool:
-  return x is None or isinstance(x, str)
+  """Leaves of a layout tree: a layout string, ``None`` or a ``MaskedNode``."""
+  return x is None or isinstance(x, str) or _is_masked(x)
 
 
-def _path_name(path) -> str:
+def path_name(path: tuple[Any, ...]) -> str:
+  """A readable ``"a/b/kernel"`` name for a pytree key path."""
   return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
 
 
 def map_layouts(fn: Callable[..., Any], layouts: LayoutTree, *trees: Any):
   """`jax.tree.map` over a layout tree (whose ``None`` entries are leaves).
 
-  ``fn(path, layout, *subtrees)`` is called once per entry of ``layouts``;
-  ``path`` is a readable ``"a/b/kernel"`` name for error messages.
+  ``fn(name, layout, *subtrees)`` is called once per entry of ``layouts``;
+  ``name`` is the entry's :func:`path_name`, for messages and lookups.
   """
   return jax.tree.map_with_path(
-      lambda p, layout, *xs: fn(_path_name(p), layout, *xs),
+      lambda p, layout, *xs: fn(path_name(p), layout, *xs),
       layouts,
       *trees,
       is_leaf=is_layout_leaf,
@@ -110,85 +140,88 @@ def map_layouts(fn: Callable[..., Any], layouts: LayoutTree, *trees: Any):
 
 
 def _dense_layout(layout: Layout) -> Layout:
-  return "".join(c for c in layout if c not in _SPATIAL_LETTERS)
+  return "".join(c for c in layout if c not in _SPATIAL_LETTERS + "L")
+
+
+def _from_rank(layout: Layout, include_dense: bool) -> Callable[[Any], Any]:
+  conv = parse_layout(layout)
+  dense = _dense_layout(layout)
+
+  def pick(x):
+    ndim = getattr(x, "ndim", None)
+    if ndim == conv.ndim:
+      return layout
+    if include_dense and ndim == 2:
+      return dense
+    return None
+
+  return pick
+
+
+def _checked(name: str, x: Any, layout: Any) -> Layout | None:
+  """A user-given layout for leaf ``x``, validated; None where masked out."""
+  if layout is None or _is_masked(x) or _is_masked(layout):
+    return None
+  try:
+    axes = parse_layout(layout)
+  except ValueError as e:
+    raise ValueError(f"At {name!r}: {e}") from None
+  if getattr(x, "ndim", None) != axes.ndim:
+    raise ValueError(
+        f"kernel_layout {layout!r} at {name!r} has {axes.ndim} axes but the "
+        f"leaf has shape {getattr(x, 'shape', None)}."
+    )
+  return layout
 
 
 def resolve_layouts(
     tree: Any,
     kernel_layout: KernelLayoutSpec = "HWIO",
-    mask: MaskSpec | None = None,
     *,
     include_dense: bool = False,
 ) -> LayoutTree:
-  """Assigns a layout string, or ``None``, to every array leaf of ``tree``.
+  """Assigns a layout string, or ``None``, to every leaf of ``tree``.
 
   Args:
-    tree: the params (or updates) pytree.
+    tree: the params (or updates) pytree, possibly holding
+      ``optax.MaskedNode`` where a wrapper masked leaves out.
     kernel_layout: a kernel layout spec (see the module docstring).
-    mask: optional optax-style mask; leaves where it is False get ``None``.
     include_dense: with a string ``kernel_layout``, also select 2-D leaves as
       dense kernels (the layout without its spatial letters).
 
   Returns:
-    A pytree with the structure of ``tree`` holding a layout or ``None`` at
-    each leaf. Map over it with :func:`map_layouts`.
+    A pytree with the structure of ``tree`` (a ``MaskedNode`` counting as a
+    leaf) holding a layout or ``None`` at each leaf. Map over it with
+    :func:`map_layouts`.
 
   Raises:
     ValueError: for an unknown layout, a layout whose rank does not match its
       leaf, or a layout tree that does not match ``tree``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sgs_optax import resolve_layouts
+    >>> params = {"conv": {"kernel": jnp.zeros((3, 3, 2, 4)),
+    ...                    "bias": jnp.zeros(4)}}
+    >>> resolve_layouts(params)
+    {'conv': {'bias': None, 'kernel': 'HWIO'}}
   """
   if isinstance(kernel_layout, str):
-    conv = parse_layout(kernel_layout)
-    dense = _dense_layout(kernel_layout)
-
-    def from_rank(x):
-      if getattr(x, "ndim", None) == conv.ndim:
-        return kernel_layout
-      if include_dense and getattr(x, "ndim", None) == 2:
-        return dense
-      return None
-
-    layouts = jax.tree.map(from_rank, tree)
-  else:
-    layouts = kernel_layout(tree) if callable(kernel_layout) else kernel_layout
-    try:
-      jax.tree.map(lambda *_: None, layouts, tree, is_leaf=is_layout_leaf)
-    except ValueError as e:
-      raise ValueError(
-          "kernel_layout pytree does not match the structure of the params: "
-          f"{e}"
-      ) from None
-
-    def check(path, layout, x):
-      if layout is None:
-        return None
-      try:
-        axes = parse_layout(layout)
-      except ValueError as e:
-        raise ValueError(f"At {path!r}: {e}") from None
-      if getattr(x, "ndim", None) != axes.ndim:
-        raise ValueError(
-            f"kernel_layout {layout!r} at {path!r} has {axes.ndim} axes but "
-            f"the leaf has shape {getattr(x, 'shape', None)}."
-        )
-      return layout
-
-    layouts = map_layouts(check, layouts, tree)
-
-  if mask is None:
-    return layouts
-  mask_tree = mask(tree) if callable(mask) else mask
+    return jax.tree.map(_from_rank(kernel_layout, include_dense), tree,
+                        is_leaf=_is_masked)
+  layouts = kernel_layout(tree) if callable(kernel_layout) else kernel_layout
   try:
-    return jax.tree.map(
-        lambda keep, sub: sub if keep else jax.tree.map(lambda _: None, sub),
-        mask_tree,
-        layouts,
-        is_leaf=lambda x: x is None,
-    )
+    # `tree` first: each of its leaves (or MaskedNodes) meets one entry of
+    # the layout tree, where `None` is an empty subtree.
+    jax.tree.map(lambda *_: None, tree, layouts, is_leaf=_is_masked)
   except ValueError as e:
     raise ValueError(
-        f"mask does not match the structure of the params: {e}"
+        f"kernel_layout pytree does not match the structure of the params: {e}"
     ) from None
+  return jax.tree.map_with_path(
+      lambda p, x, layout: _checked(path_name(p), x, layout),
+      tree, layouts, is_leaf=_is_masked,
+  )
 
 
 def spatial_shape(x: jax.Array, layout: Layout) -> tuple[int, ...]:
@@ -201,25 +234,56 @@ def output_channels(x: jax.Array, layout: Layout) -> int:
   return x.shape[parse_layout(layout).output]
 
 
-def broadcast_to_kernel(
-    matrix: jax.Array, layout: Layout, ndim: int | None = None
-) -> jax.Array:
+def input_channels(x: jax.Array, layout: Layout) -> int:
+  """The size of ``x`` along the input-channel axis of ``layout``."""
+  return x.shape[parse_layout(layout).input]
+
+
+def layers(x: jax.Array, layout: Layout) -> int | None:
+  """The number of stacked layers (the ``"L"`` axis), or None."""
+  stack = parse_layout(layout).stack
+  return None if stack is None else x.shape[stack]
+
+
+def sgs_skip_reason(x: Any, layout: Layout | None) -> str | None:
+  """Why SGS leaves leaf ``x`` untouched, or ``None`` if it scales it.
+
+  The one eligibility rule of Spatial Gradient Scaling: a floating-point 2-D
+  conv kernel whose spatial sizes are all at least 2 (the stem and depthwise
+  convs included). Unselected leaves, 1x1, 1xK and Kx1 kernels, and 1-D or
+  3-D convs are not scaled.
+  """
+  if layout is None:
+    return "it is not a selected conv kernel"
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return f"its dtype {x.dtype} is not floating point"
+  size = spatial_shape(x, layout)
+  if len(size) != 2:
+    return f"it is a {len(size)}-D kernel (only 2-D kernels are scaled)"
+  if min(size) < 2:
+    return f"its kernel size {size} has an axis of size 1"
+  return None
+
+
+def broadcast_to_kernel(matrix: jax.Array, layout: Layout) -> jax.Array:
   """Reshapes a per-position matrix so that it broadcasts against a kernel.
 
   Args:
-    matrix: shape ``spatial`` (e.g. ``(kh, kw)``), or ``spatial + (C_out,)``
-      for one matrix per output channel.
+    matrix: shape ``spatial`` (e.g. ``(kh, kw)``) or ``spatial + (C_out,)``
+      (one matrix per output channel), each preceded by ``(L,)`` for a
+      layout with a stack axis (one matrix per stacked layer).
     layout: the kernel's layout.
-    ndim: unused beyond a consistency check; defaults to the layout's rank.
 
   Returns:
-    ``matrix`` with its axes moved to the kernel's spatial (and output) axes
-    and size-1 axes elsewhere.
+    ``matrix`` with its axes moved to the kernel's (stack,) spatial (and
+    output) axes and size-1 axes elsewhere.
+
+  Raises:
+    ValueError: if ``matrix`` has neither rank.
   """
   axes = parse_layout(layout)
-  if ndim is not None and ndim != axes.ndim:
-    raise ValueError(f"layout {layout!r} does not have {ndim} axes.")
-  targets = list(axes.spatial)
+  targets = [] if axes.stack is None else [axes.stack]
+  targets += list(axes.spatial)
   if matrix.ndim == len(targets) + 1:
     targets.append(axes.output)
   elif matrix.ndim != len(targets):

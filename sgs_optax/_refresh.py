@@ -1,82 +1,233 @@
-"""Refreshing SGS matrices in an optimizer state from captured conv inputs.
+"""Refreshing learned SGS matrices in an optimizer state from conv inputs.
 
 The learned mode of SGS (Detkov et al., 2023) recomputes each layer's matrix
 from the mutual information between neighbouring pixels of the layer's input
 every few epochs. This module holds the record of a captured conv input
 (:class:`ConvInput`) and the jittable :func:`refresh_scalings`; capturing the
-inputs from a Flax model lives in ``_capture.py``.
+inputs lives in ``_capture.py``, the statistics in ``_dependence.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sgs_optax import _dependence
+from sgs_optax import _kernels
 from sgs_optax import _spatial
 
-Pads = tuple[tuple[int, int], tuple[int, int]]
+
+def _as_tuple(value: Any) -> Any:
+  """Hashable, plain-int form of a geometry field (for static metadata)."""
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, Sequence) or isinstance(value, np.ndarray):
+    return tuple(_as_tuple(v) for v in value)
+  return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvInput:
-  """A conv layer's input and the geometry it is padded and read with.
+  """A conv layer's input and the geometry its kernel reads it with.
 
   Attributes:
-    inputs: the input feature maps, NHWC, unpadded; a layer called several
-      times holds its inputs concatenated along the batch.
-    padding: the conv's explicit ``((top, bottom), (left, right))`` pads for
-      these inputs (lax ``SAME`` with stride 2 pads asymmetrically).
-    dilation: the conv's kernel dilation ``(dh, dw)``.
+    inputs: the input feature maps, channels last: ``(N, *spatial, C)``, or
+      ``(L, N, *spatial, C)`` for a stack of ``L`` layers (``nn.scan``). A
+      transposed (input-dilated) conv's input is recorded dilated, zeros
+      inserted, as its kernel sees it; a conv whose framework pads before the
+      conv (Flax's ``CIRCULAR``, ``REFLECT``) is recorded padded, with
+      ``VALID`` padding.
+    padding: explicit ``(low, high)`` pads per spatial axis (or a padding
+      string that :func:`sgs_optax.spatial_dependence` accepts).
+    dilation: the kernel dilation per spatial axis (default 1).
     padding_mode: ``"zeros"``, ``"circular"`` or ``"reflect"``.
-    kernel_size: the conv's ``(kh, kw)``, checked against the SGS state.
+    kernel_size: the conv's kernel size per spatial axis, checked against
+      the SGS state when given.
+    strides: the conv's strides per spatial axis (the statistics ignore
+      them, as the paper's code does).
+    feature_group_count: the conv's feature groups: ``C`` must equal the
+      kernel's input channels times this.
+
+  Examples:
+    >>> import jax.numpy as jnp, sgs_optax
+    >>> record = sgs_optax.ConvInput(jnp.ones((2, 8, 8, 3)), ((1, 1), (1, 1)),
+    ...                              kernel_size=(3, 3))
+    >>> record.inputs.shape, record.padding
+    ((2, 8, 8, 3), ((1, 1), (1, 1)))
   """
 
   inputs: jax.Array
-  padding: Pads
-  dilation: tuple[int, int] = (1, 1)
+  padding: Any
+  dilation: tuple[int, ...] | None = None
   padding_mode: str = "zeros"
-  kernel_size: tuple[int, int] | None = None
+  kernel_size: tuple[int, ...] | None = None
+  strides: tuple[int, ...] | None = None
+  feature_group_count: int = 1
+
+  def __post_init__(self):
+    for name in ("padding", "dilation", "kernel_size", "strides",
+                 "feature_group_count"):
+      object.__setattr__(self, name, _as_tuple(getattr(self, name)))
 
 
 jax.tree_util.register_dataclass(
     ConvInput,
     data_fields=["inputs"],
-    meta_fields=["padding", "dilation", "padding_mode", "kernel_size"],
+    meta_fields=["padding", "dilation", "padding_mode", "kernel_size",
+                 "strides", "feature_group_count"],
 )
 
-
-def _raw_key(entry: Any) -> Any:
-  for attr in ("key", "idx", "name"):
-    if hasattr(entry, attr):
-      return getattr(entry, attr)
-  raise TypeError(f"Unsupported pytree path entry {entry!r}.")
+Records = ConvInput | tuple[ConvInput, ...]
 
 
-def _lookup(captured: Any, path) -> ConvInput | None:
-  node = captured
-  for entry in path:
-    if isinstance(node, ConvInput) or node is None:
-      return None
-    try:
-      node = node[_raw_key(entry)]
-    except (KeyError, IndexError, TypeError):
-      return None
-  return node if isinstance(node, ConvInput) else None
+def _is_record(x: Any) -> bool:
+  return isinstance(x, ConvInput) or (
+      isinstance(x, tuple) and bool(x)
+      and all(isinstance(r, ConvInput) for r in x))
 
 
-def _captured_paths(captured: Any) -> list[tuple[Any, ...]]:
-  leaves = jax.tree_util.tree_flatten_with_path(
-      captured, is_leaf=lambda x: isinstance(x, ConvInput))[0]
-  return [tuple(_raw_key(e) for e in path) for path, _ in leaves]
+def _captured_inputs(captured: Any) -> dict[str, tuple[ConvInput, ...]]:
+  """The captured records by path name; anything else is a usage error."""
+  flat = jax.tree_util.tree_flatten_with_path(captured, is_leaf=_is_record)[0]
+  records = {}
+  for path, leaf in flat:
+    name = _kernels.path_name(path)
+    if not _is_record(leaf):
+      raise ValueError(
+          f"captured[{name!r}] is a {type(leaf).__name__}, not a ConvInput: "
+          "pass what sgs_optax.capture_conv_inputs returns, or wrap each "
+          "input as ConvInput(inputs, padding, ...)."
+      )
+    records[name] = leaf if isinstance(leaf, tuple) else (leaf,)
+  return records
 
 
-def _name(path: tuple[Any, ...]) -> str:
-  return "/".join(str(p) for p in path)
+def _is_param_name(name: str, table: _spatial.ScalingTable) -> bool:
+  """Whether ``name`` is a leaf of the table's params, or under a masked one."""
+  return any(name == n or name.startswith(n + "/") for n in table.names)
+
+
+def _learned_states(opt_state: optax.OptState):
+  states = _spatial.sgs_states(opt_state)
+  if not states:
+    raise ValueError("refresh_scalings found no SpatialScalingState in the "
+                     "optimizer state.")
+  learned = [(path, s) for path, s in states
+             if isinstance(s.scalings, _spatial.ScalingTable)
+             and s.scalings.learned]
+  if not learned:
+    raise ValueError(
+        "refresh_scalings found no learned SGS state: every sgs transform "
+        "here was built with constant matrices. Build it with "
+        "sgs(None) or sgs(..., learn=True) to refresh it from data."
+    )
+  return learned
+
+
+def _check_captured(records: dict[str, Any], tables) -> None:
+  for name in records:
+    if not any(_is_param_name(name, t) for t in tables):
+      raise ValueError(
+          f"captured conv input {name!r} is not a parameter of the model "
+          "the optimizer was initialised with: key the captured inputs like "
+          "the params the optimizer sees (without a top-level 'params')."
+      )
+  for table in tables:
+    missing = [name for name in table if name not in records]
+    if missing:
+      raise ValueError(
+          f"No captured input for the learned SGS kernels {missing}: was "
+          "each of these layers called in the captured forward pass? Leave "
+          "a kernel out of learning with sgs(..., mask=...) or learn=False."
+      )
+
+
+def _check_record(name: str, record: ConvInput,
+                  info: _spatial.KernelInfo) -> None:
+  """Raises if a record cannot be the input of the kernel ``info`` describes."""
+  rank = len(info.size) + 2 + (info.layers is not None)
+  shape = tuple(np.shape(record.inputs))
+  if len(shape) != rank:
+    raise ValueError(
+        f"Layer {name!r}: captured inputs of shape {shape} do not fit a "
+        f"{len(info.size)}-D conv kernel"
+        f"{' stacked over layers' if info.layers else ''}: expected rank "
+        f"{rank}, channels last."
+    )
+  if record.kernel_size is not None and record.kernel_size != info.size:
+    raise ValueError(
+        f"Layer {name!r}: captured kernel size {record.kernel_size} but the "
+        f"kernel in the SGS state has size {info.size}."
+    )
+  if info.layers is not None and shape[0] != info.layers:
+    raise ValueError(
+        f"Layer {name!r}: {shape[0]} captured layers for a stack of "
+        f"{info.layers}."
+    )
+  expected = info.in_channels * record.feature_group_count
+  if shape[-1] != expected:
+    raise ValueError(
+        f"Layer {name!r}: captured inputs have {shape[-1]} channels (last "
+        f"axis) but the kernel reads {info.in_channels} x "
+        f"{record.feature_group_count} group(s) = {expected}: inputs must be "
+        "channels last, e.g. (N, H, W, C); transpose NCHW data first."
+    )
+
+
+def _dependence_of(records: Sequence[ConvInput], size, *, k,
+                   diagonal_removal) -> jax.Array:
+  """The dependence of several calls, weighted by their padded pixels."""
+  total, weight = 0.0, 0
+  for record in records:
+    d = _dependence.spatial_dependence(
+        record.inputs, size, padding=record.padding, k=k,
+        diagonal_removal=diagonal_removal,
+        dilation=record.dilation or (1,) * len(size),
+        padding_mode=record.padding_mode)
+    pixels = int(np.prod(np.shape(record.inputs)[:-1]))
+    total, weight = total + pixels * d, weight + pixels
+  return total / weight
+
+
+def _new_matrix(name: str, matrix: jax.Array, info: _spatial.KernelInfo,
+                records: tuple[ConvInput, ...], **stats) -> jax.Array:
+  for record in records:
+    _check_record(name, record, info)
+  try:
+    if info.layers is None:
+      dependence = _dependence_of(records, info.size, **stats)
+    else:
+      dependence = jnp.stack([
+          _dependence_of([dataclasses.replace(r, inputs=r.inputs[layer])
+                          for r in records], info.size, **stats)
+          for layer in range(info.layers)])
+  except ValueError as e:
+    raise ValueError(f"Layer {name!r}: {e}") from None
+  new = _dependence.dependence_to_scaling(dependence)
+  if matrix.ndim > new.ndim:  # One matrix per output channel.
+    new = jnp.broadcast_to(new[..., None], matrix.shape)
+  # A NaN (e.g. every channel constant) keeps that layer's previous matrix.
+  spatial = tuple(range(int(info.layers is not None), matrix.ndim))
+  broken = jnp.any(jnp.isnan(new), axis=spatial, keepdims=True)
+  return jnp.where(broken, matrix, new.astype(matrix.dtype))
+
+
+def _write_back(original: Any, refreshed: Any) -> Any:
+  """NNX: update the Variables of ``original`` in place; else ``refreshed``."""
+  nnx = sys.modules.get("flax.nnx")
+  is_variable = lambda x: nnx is not None and isinstance(x, nnx.Variable)
+  if not any(is_variable(x) for x in jax.tree.leaves(
+      original, is_leaf=is_variable)):
+    return refreshed
+  nnx.update(original, nnx.state(refreshed))
+  return original
 
 
 def refresh_scalings(
@@ -86,26 +237,34 @@ def refresh_scalings(
     k: float = 5.0,
     diagonal_removal: bool = False,
 ) -> optax.OptState:
-  """Recomputes every SGS matrix from captured conv inputs.
+  """Recomputes every learned SGS matrix from captured conv inputs.
 
-  For each kernel that an SGS state scales and that has a captured input, the
-  new matrix is ``D / mean(D)`` with ``D = spatial_dependence(inputs, ...)``
-  computed with the conv's own padding, dilation and padding mode. A layer
-  whose new matrix has a NaN (e.g. every channel constant) keeps its previous
-  matrix, as do kernels with no captured input. Per-channel ``(kh, kw, C_out)``
-  matrices get the layer's matrix broadcast over channels. The state's shapes
-  and dtypes never change, so a jitted train step does not recompile.
+  For each kernel of a learned SGS state (``sgs(None)`` or ``learn=True``),
+  the new matrix is ``D / mean(D)`` with ``D = spatial_dependence(inputs,
+  ...)`` computed with the conv's own padding, dilation and padding mode. A
+  conv called several times at different resolutions gets the average of
+  each call's ``D`` weighted by its number of pixels; stacked layers get one
+  matrix each. A layer whose new matrix has a NaN (e.g. every channel
+  constant) keeps its previous matrix. Per-channel ``(kh, kw, C_out)``
+  matrices get the layer's matrix broadcast over channels. Constant SGS
+  states (presets and given matrices without ``learn=True``) are left
+  untouched. Shapes and dtypes never change, so a jitted train step does not
+  recompile.
 
   Jittable: ``jax.jit(refresh_scalings, static_argnames=("k",
   "diagonal_removal"))``. Call it every few epochs, outside the train step.
+  A Flax NNX ``nnx.Optimizer``'s ``opt_state`` is accepted as it is and
+  updated in place (and returned).
 
   Args:
     opt_state: an optimizer state holding one or more
       :class:`SpatialScalingState` anywhere (``chain``, ``masked``,
-      ``partition``, ``inject_hyperparams`` ...); each is refreshed.
-    captured: a nested dict keyed like the params, holding a
-      :class:`ConvInput` at each conv kernel's position, as returned by
-      :func:`sgs_optax.capture_conv_inputs`.
+      ``partition``, ``inject_hyperparams`` ...).
+    captured: a pytree keyed like the params, holding a :class:`ConvInput`
+      (or a tuple of them, one per call geometry) at each conv kernel's
+      position, as returned by :func:`sgs_optax.capture_conv_inputs`. Inputs
+      of convs that no learned state scales (1x1 convs, masked-out kernels)
+      are ignored.
     k: the NMI sharpening constant (5 in the paper).
     diagonal_removal: use the paper's ImageNet variant of the statistics.
 
@@ -113,65 +272,39 @@ def refresh_scalings(
     The optimizer state with new matrices.
 
   Raises:
-    ValueError: if there is no SGS state, if a captured layer is not in any
-      SGS state's tree, or if a captured kernel size does not match the state.
+    ValueError: if there is no learned SGS state; a captured entry is not a
+      :class:`ConvInput` or not a parameter of the model; a learned kernel
+      has no captured input; or a captured input's rank, kernel size,
+      number of layers or channel count does not fit its kernel.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, sgs_optax
+    >>> params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}}
+    >>> state = optax.chain(sgs_optax.sgs(), optax.sgd(0.1)).init(params)
+    >>> x = jax.nn.relu(jax.random.normal(jax.random.key(0), (4, 8, 8, 2)))
+    >>> captured = {"conv": {"kernel": sgs_optax.ConvInput(
+    ...     x, ((1, 1), (1, 1)), kernel_size=(3, 3))}}
+    >>> state = sgs_optax.refresh_scalings(state, captured)
+    >>> matrix = sgs_optax.get_scalings(state)["conv"]["kernel"]
+    >>> bool(matrix[1, 1] == matrix.max()), round(float(matrix.mean()), 4)
+    (True, 1.0)
 
   References:
     Detkov et al., `Reparameterization through Spatial Gradient Scaling
     <https://arxiv.org/abs/2303.02733>`_, ICLR 2023.
   """
-  states = _spatial.find_states(opt_state)
-  if not states:
-    raise ValueError("refresh_scalings found no SpatialScalingState in the "
-                     "optimizer state.")
-  known = set()
-  for state in states:
-    for path, _ in jax.tree_util.tree_flatten_with_path(
-        state.scalings,
-        is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode))[0]:
-      known.add(tuple(_raw_key(e) for e in path))
-  for path in _captured_paths(captured):
-    if path not in known:
-      raise ValueError(
-          f"captured conv input {_name(path)!r} has no matching parameter in "
-          "the SGS state: are the captured and optimizer trees from the same "
-          "model (and keyed without a top-level 'params')?"
-      )
-
-  def refresh_one(path, matrix):
-    if matrix is None:
-      return None
-    record = _lookup(captured, path)
-    if record is None:
-      return matrix
-    kernel_size = tuple(matrix.shape[:2])
-    name = _name(tuple(_raw_key(e) for e in path))
-    if record.kernel_size is not None and tuple(
-        record.kernel_size) != kernel_size:
-      raise ValueError(
-          f"captured conv {name!r} has kernel size {record.kernel_size} but "
-          f"its SGS matrix has shape {matrix.shape}."
-      )
-    try:
-      dependence = _dependence.spatial_dependence(
-          record.inputs,
-          kernel_size,
-          padding=record.padding,
-          k=k,
-          diagonal_removal=diagonal_removal,
-          dilation=record.dilation,
-          padding_mode=record.padding_mode,
-      )
-    except ValueError as e:
-      raise ValueError(f"Layer {name!r}: {e}") from None
-    new = _dependence.dependence_to_scaling(dependence)
-    new = jnp.broadcast_to(
-        new.reshape(new.shape + (1,) * (matrix.ndim - 2)), matrix.shape)
-    return jnp.where(jnp.any(jnp.isnan(new)), matrix, new.astype(matrix.dtype))
-
-  def refresh_state(state):
-    scalings = jax.tree_util.tree_map_with_path(
-        refresh_one, state.scalings, is_leaf=lambda x: x is None)
-    return state._replace(scalings=scalings)
-
-  return _spatial.map_states(refresh_state, opt_state)
+  original, opt_state = opt_state, _kernels.plain_arrays(opt_state)
+  records = _captured_inputs(_kernels.plain_arrays(captured))
+  learned = _learned_states(opt_state)
+  _check_captured(records, [s.scalings for _, s in learned])
+  stats = dict(k=k, diagonal_removal=diagonal_removal)
+  for path, state in learned:
+    table = state.scalings
+    new = table.replace({
+        name: _new_matrix(name, table[name], table.kernels[name],
+                          records[name], **stats)
+        for name in table})
+    opt_state = optax.tree_utils.tree_set(
+        opt_state, lambda p, _, path=path: p == path,
+        SpatialScalingState=state._replace(scalings=new))
+  return _write_back(original, opt_state)

@@ -1,7 +1,9 @@
-"""Spatial Gradient Scaling: one (kh, kw) matrix per conv kernel's gradient."""
+"""Spatial Gradient Scaling: one spatial matrix per conv kernel's gradient."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -15,16 +17,117 @@ from sgs_optax import _kernels
 Scaling = Any  # None, a preset name, an array, or a params-shaped tree.
 
 
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+class KernelInfo(NamedTuple):
+  """What the refresh needs to know of a scaled kernel, beyond its matrix."""
+
+  size: tuple[int, ...]  # spatial sizes, in layout order.
+  in_channels: int  # per feature group, as stored in the kernel.
+  layers: int | None  # the size of a stack ("L") axis, if any.
+
+  @classmethod
+  def of(cls, kernel: Any, layout: str) -> KernelInfo:
+    return cls(_kernels.spatial_shape(kernel, layout),
+               _kernels.input_channels(kernel, layout),
+               _kernels.layers(kernel, layout))
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class ScalingTable(Mapping):
+  """The SGS matrices of one transform, keyed by parameter path.
+
+  A mapping from a scaled kernel's path name (``"conv1/kernel"``, as
+  :func:`jax.tree_util.keystr` with ``separator="/"`` writes it) to its
+  matrix. It is a pytree whose leaves are the matrices only; the structure of
+  the params it was built for and whether the matrices are learned are static
+  (part of the tree structure), so a jitted step never retraces when the
+  matrices are refreshed. It is keyed by path rather than shaped like the
+  params because the matrices do not have the parameters' shapes: utilities
+  that pair optimizer state with params (such as
+  ``optax.tree_utils.tree_map_params``) must not take them for params.
+
+  Attributes:
+    structure: the tree structure of the params (``optax.MaskedNode``
+      counting as a leaf).
+    learned: whether :func:`sgs_optax.refresh_scalings` refreshes the
+      matrices.
+    kernels: a :class:`KernelInfo` per key (spatial size, input channels,
+      stacked layers), static.
+  """
+
+  def __init__(self, matrices: Mapping[str, Any], structure: Any,
+               learned: bool, kernels: Mapping[str, KernelInfo]):
+    self._matrices = dict(matrices)
+    self.structure = structure
+    self.learned = bool(learned)
+    self.kernels = dict(kernels)
+
+  def __getitem__(self, name: str) -> Any:
+    return self._matrices[name]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._matrices)
+
+  def __len__(self) -> int:
+    return len(self._matrices)
+
+  def __repr__(self) -> str:
+    return f"ScalingTable(learned={self.learned}, {self._matrices!r})"
+
+  def replace(self, matrices: Mapping[str, Any]) -> ScalingTable:
+    """A table with the same keys and structure holding ``matrices``."""
+    if set(matrices) != set(self._matrices):
+      raise ValueError("replace() must give a matrix for every key.")
+    return ScalingTable({k: matrices[k] for k in self._matrices},
+                        self.structure, self.learned, self.kernels)
+
+  @functools.cached_property
+  def names(self) -> tuple[str, ...]:
+    """The path name of every leaf of the params, in tree order."""
+    dummy = self.structure.unflatten([0] * self.structure.num_leaves)
+    return tuple(
+        _kernels.path_name(path) for path, _ in
+        jax.tree_util.tree_flatten_with_path(dummy)[0])
+
+  def as_params_tree(self) -> Any:
+    """The matrices in a params-shaped tree, ``None`` at other leaves."""
+    return self.structure.unflatten(
+        [self._matrices.get(name) for name in self.names])
+
+  def _aux(self):
+    keys = tuple(self._matrices)
+    infos = tuple(self.kernels[k] for k in keys)
+    return keys, (keys, self.structure, self.learned, infos)
+
+  def tree_flatten_with_keys(self):
+    keys, aux = self._aux()
+    return [(jax.tree_util.DictKey(k), self._matrices[k]) for k in keys], aux
+
+  def tree_flatten(self):
+    keys, aux = self._aux()
+    return [self._matrices[k] for k in keys], aux
+
+  @classmethod
+  def tree_unflatten(cls, aux, children) -> ScalingTable:
+    keys, structure, learned, infos = aux
+    return cls(dict(zip(keys, children)), structure, learned,
+               dict(zip(keys, infos)))
+
+
 class SpatialScalingState(NamedTuple):
   """State of :func:`spatial_gradient_scaling`.
 
   Attributes:
-    scalings: a params-shaped tree holding, at each scaled kernel, its matrix
-      of shape ``(kh, kw)`` (or ``(kh, kw, C_out)``) in float32 or in the
-      parameter's dtype when that is wider, and ``None`` elsewhere.
+    scalings: a :class:`ScalingTable`: at each scaled kernel's path, its
+      matrix of shape ``(kh, kw)`` (or ``(kh, kw, C_out)``; with a leading
+      ``(L,)`` for stacked layers), in float32 or in the parameter's dtype
+      when that is wider.
   """
 
-  scalings: optax.Params
+  scalings: ScalingTable
 
 
 def _is_concrete(x: Any) -> bool:
@@ -32,33 +135,228 @@ def _is_concrete(x: Any) -> bool:
 
 
 def _check_matrix(name: str, matrix: Any) -> None:
-  """Validates a user-given matrix (shape rank, finiteness, sign)."""
-  if np.ndim(matrix) not in (2, 3):
+  """Validates a user-given matrix (type, finiteness, sign)."""
+  if not isinstance(matrix, (np.ndarray, jax.Array)):
     raise ValueError(
-        f"scaling for {name} must have shape (kh, kw) or (kh, kw, C_out), got "
-        f"shape {np.shape(matrix)}."
+        f"scaling for {name} must be an array, got {type(matrix).__name__}: "
+        "pass e.g. np.array([[1, 2, 1], [2, 3, 2], [1, 2, 1]]), a preset "
+        "name, a params-shaped pytree of arrays, or None."
     )
-  if _is_concrete(matrix):
-    values = np.asarray(matrix, dtype=np.float64)
-    if not np.all(np.isfinite(values)):
-      raise ValueError(f"scaling for {name} has non-finite entries.")
-    if np.any(values < 0):
+  if not _is_concrete(matrix):
+    return
+  values = np.asarray(matrix, dtype=np.float64)
+  if not np.all(np.isfinite(values)):
+    raise ValueError(f"scaling for {name} has non-finite entries.")
+  if np.any(values < 0):
+    raise ValueError(
+        f"scaling for {name} has negative entries; a gradient scale must be "
+        ">= 0 (a branch contributes its scale squared)."
+    )
+
+
+def _check_fits(name: str, matrix: Any, kernel: Any, layout: str) -> None:
+  info = KernelInfo.of(kernel, layout)
+  channels = _kernels.output_channels(kernel, layout)
+  shapes = [info.size, (*info.size, channels)]
+  if info.layers is not None:
+    shapes += [(info.layers, *shape) for shape in shapes]
+  if tuple(np.shape(matrix)) not in shapes:
+    raise ValueError(
+        f"scaling of shape {np.shape(matrix)} does not fit {name} with "
+        f"kernel size {info.size}, {channels} output channels and "
+        f"{info.layers or 'no'} stacked layers."
+    )
+
+
+class _Spec(NamedTuple):
+  """What a transform was asked to scale by, validated once."""
+
+  scaling: Scaling
+  single_array: bool
+  normalize: bool
+  strict: bool
+  by_rank: bool  # kernel_layout is a string, selecting leaves by rank.
+
+
+def _could_be_a_kernel(x: Any) -> bool:
+  return (not _is_masked(x) and 3 <= x.ndim <= 5
+          and jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def _skip(spec: _Spec, name: str, reason: str) -> None:
+  if spec.strict:
+    raise ValueError(f"sgs(strict=True): {name} is not scaled: {reason}.")
+  return None
+
+
+def _starting_matrix(spec: _Spec, name: str, kernel: Any, layout: Any,
+                     given: Any) -> Any:
+  """The matrix a kernel starts with, or None to leave it untouched."""
+  reason = _kernels.sgs_skip_reason(kernel, layout)
+  if reason is not None:
+    if given is not None and not spec.single_array:
+      raise ValueError(f"scaling has a matrix for {name}, but {reason}.")
+    if (spec.strict and spec.by_rank and layout is None
+        and _could_be_a_kernel(kernel)):
       raise ValueError(
-          f"scaling for {name} has negative entries; a gradient scale must be "
-          ">= 0 (a branch contributes its scale squared)."
+          f"sgs(strict=True): {name} of shape {kernel.shape} could be a conv "
+          "kernel but the kernel_layout string only selects leaves of its "
+          "rank: pass a per-leaf kernel_layout tree naming it (e.g. 'WIO' for "
+          "a 1-D conv, 'LHWIO' for stacked layers, 'DHWIO' for a 3-D conv) "
+          "or None to skip it."
       )
+    return None
+  size = _kernels.spatial_shape(kernel, layout)
+  if spec.single_array:
+    if tuple(np.shape(given)[:len(size)]) != size:
+      return _skip(spec, name, f"no {size} matrix was given")
+    _check_fits(name, given, kernel, layout)
+    return given
+  if spec.scaling is None or isinstance(spec.scaling, str):
+    if any(s % 2 == 0 for s in size):
+      return _skip(spec, name, f"its kernel size {size} is even")
+    if spec.scaling is None:
+      return np.ones(size)
+    branches = _branches.preset_branches(spec.scaling, size)
+    return _branches.branch_scaling(size, branches)
+  if given is None:
+    return _skip(spec, name, "the scaling pytree holds None there")
+  _check_matrix(name, given)
+  _check_fits(name, given, kernel, layout)
+  return given
 
 
-def _fits(matrix: Any, kernel_size: tuple[int, int], channels: int) -> bool:
-  shape = tuple(np.shape(matrix))
-  return shape == kernel_size or shape == (*kernel_size, channels)
+def _as_state_matrix(name: str, matrix: Any, kernel: Any, layout: str,
+                     normalize: bool) -> jax.Array:
+  """The matrix in the state's dtype, normalised, one per stacked layer."""
+  info = KernelInfo.of(kernel, layout)
+  dtype = jnp.promote_types(jnp.float32, kernel.dtype)
+  matrix = jnp.asarray(matrix, dtype)
+  lead = int(info.layers is not None and np.shape(matrix)[:len(info.size) + 1]
+             == (info.layers, *info.size))
+  if normalize:
+    spatial = tuple(range(lead, lead + len(info.size)))
+    mean = jnp.mean(matrix, axis=spatial, keepdims=True)
+    if _is_concrete(mean) and np.any(np.asarray(mean) == 0):
+      raise ValueError(
+          f"scaling for {name} has mean 0, which normalize=True cannot "
+          "divide by."
+      )
+    matrix = matrix / mean
+  if info.layers is not None and not lead:
+    matrix = jnp.broadcast_to(matrix, (info.layers, *matrix.shape))
+  return matrix
+
+
+def _given_tree(spec: _Spec, params: Any, layouts: Any) -> Any:
+  """A params-shaped tree of the user's matrices (None where none given)."""
+  if spec.single_array:
+    return jax.tree.map(lambda layout: None if layout is None else
+                        spec.scaling, layouts, is_leaf=_kernels.is_layout_leaf)
+  if spec.scaling is None or isinstance(spec.scaling, str):
+    return jax.tree.map(lambda _: None, layouts,
+                        is_leaf=_kernels.is_layout_leaf)
+  try:
+    jax.tree.map(lambda *_: None, params, spec.scaling, is_leaf=_is_masked)
+  except ValueError as e:
+    raise ValueError(
+        f"scaling pytree does not match the structure of the params: {e}"
+    ) from None
+  # Masked-out leaves take no matrix, whatever the user's tree holds there.
+  return jax.tree.map(lambda x, g: None if _is_masked(x) else g, params,
+                      spec.scaling, is_leaf=_is_masked)
+
+
+def _scale_by_table(spec: _Spec, learned: bool,
+                    kernel_layout: _kernels.KernelLayoutSpec
+                    ) -> optax.GradientTransformationExtraArgs:
+  """The unmasked transform: the state table and its application."""
+
+  def init_fn(params: optax.Params) -> SpatialScalingState:
+    params = _kernels.plain_arrays(params)
+    if not jax.tree.leaves(params, is_leaf=_is_masked):
+      # `optax.tree_utils.tree_map_params` calls init with a leafless
+      # placeholder to find the params-shaped parts of the state (optax's
+      # own `masked` detects it too). The table is keyed by the real params,
+      # so it cannot match an empty one: a leaf marks it as not params.
+      return SpatialScalingState(scalings=jnp.zeros((0,), jnp.float32))
+    layouts = _kernels.resolve_layouts(params, kernel_layout)
+    given = _given_tree(spec, params, layouts)
+    matrices, kernels = {}, {}
+
+    def add(name, layout, kernel, given_matrix):
+      matrix = _starting_matrix(spec, name, kernel, layout, given_matrix)
+      if matrix is not None:
+        matrices[name] = _as_state_matrix(name, matrix, kernel, layout,
+                                          spec.normalize)
+        kernels[name] = KernelInfo.of(kernel, layout)
+
+    _kernels.map_layouts(add, layouts, params, given)
+    if spec.single_array and not matrices:
+      raise ValueError(
+          f"scaling of shape {np.shape(spec.scaling)} does not fit any "
+          "selected conv kernel of the params."
+      )
+    structure = jax.tree.structure(params, is_leaf=_is_masked)
+    return SpatialScalingState(
+        ScalingTable(matrices, structure, learned, kernels))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    table = state.scalings
+    layouts = _kernels.resolve_layouts(updates, kernel_layout)
+    seen = set()
+
+    def scale(name, layout, grad):
+      if name not in table:
+        return grad
+      if layout is None:
+        raise ValueError(
+            f"sgs has a matrix for {name} but kernel_layout selects no "
+            "kernel there at update time."
+        )
+      seen.add(name)
+      factor = _kernels.broadcast_to_kernel(table[name], layout)
+      return (grad * factor).astype(grad.dtype)
+
+    scaled = _kernels.map_layouts(scale, layouts, updates)
+    if seen != set(table):
+      raise ValueError(
+          f"sgs state has matrices for {sorted(set(table) - seen)}, which "
+          "the updates do not hold: are they from the params the optimizer "
+          "was initialised with?"
+      )
+    return scaled, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _validated_spec(scaling: Scaling, normalize: bool, strict: bool,
+                    by_rank: bool) -> _Spec:
+  if isinstance(scaling, jax.core.Tracer):
+    raise ValueError(
+        "sgs(scaling=...) got a traced array: the matrices are read once, "
+        "into the optimizer state, so a traced (e.g. injected) value would "
+        "be ignored after init. Under optax.inject_hyperparams pass "
+        "static_args=('scaling',)."
+    )
+  if isinstance(scaling, str) and scaling not in _branches.PRESET_NAMES:
+    _branches.preset_branches(scaling, (3, 3))  # raises with the valid names.
+  if isinstance(scaling, (list, tuple)) and all(
+      isinstance(x, (int, float, list, tuple)) for x in scaling):
+    _check_matrix("all kernels", scaling)  # raises: not an array.
+  single_array = isinstance(scaling, (np.ndarray, jax.Array))
+  if single_array:
+    _check_matrix("all kernels", scaling)
+  return _Spec(scaling, single_array, bool(normalize), bool(strict), by_rank)
 
 
 def spatial_gradient_scaling(
     scaling: Scaling = None,
     *,
+    learn: bool | None = None,
     kernel_layout: _kernels.KernelLayoutSpec = "HWIO",
-    mask: _kernels.MaskSpec | None = None,
+    mask: Any = None,
     normalize: bool = False,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -76,18 +374,13 @@ def spatial_gradient_scaling(
   Nesterov momentum, coupled L2 weight decay), without paying for the branches.
 
   Placement: for SGD-family optimizers put it first, before weight decay and
-  momentum, as in the paper::
-
-    optax.chain(sgs("acb"), optax.add_decayed_weights(5e-4),
-                optax.sgd(0.1, momentum=0.9))
-
-  Adam-family optimizers divide a constant per-coordinate gradient scale out
-  again (``m / sqrt(v)``), so ``sgs`` before Adam does almost nothing. Put it
-  *after* the optimizer instead, where it scales the update, i.e. acts as a
-  per-position learning rate: ``optax.chain(optax.adamw(1e-3), sgs("acb"))``.
-
-  This is a bare transform without a learning rate, deliberately unlike
-  optax's ``name(learning_rate, ...)`` optimizer aliases: chain it with one.
+  momentum, as in the paper:
+  ``optax.chain(sgs("acb"), optax.add_decayed_weights(5e-4),
+  optax.sgd(0.1, momentum=0.9))``. Adam-family optimizers divide a constant
+  per-coordinate gradient scale out again (``m / sqrt(v)``), so ``sgs`` before
+  Adam does almost nothing; put it *after* the optimizer, where it scales the
+  update (a per-position learning rate):
+  ``optax.chain(optax.adamw(1e-3), sgs("acb"))``.
 
   Args:
     scaling: what to multiply by.
@@ -101,13 +394,22 @@ def spatial_gradient_scaling(
         spatial size (other sizes are left alone), or ``(kh, kw, C_out)``.
       * a pytree with the structure of the params holding such an array or
         ``None`` at each leaf.
+
+      Matrices are read once, at init. Under ``optax.inject_hyperparams``
+      pass ``static_args=("scaling",)``; a traced ``scaling`` raises.
+    learn: whether :func:`sgs_optax.refresh_scalings` replaces the matrices
+      with ones learned from data. Defaults to ``scaling is None``;
+      ``sgs("acb", learn=True)`` starts from ACB and is refreshed. The
+      refresh never touches a transform built with ``learn=False``.
     kernel_layout: ``"HWIO"`` (Flax, Haiku), ``"OIHW"`` (PyTorch-style,
       Equinox), another layout string, or a params-shaped pytree (or callable
       ``params -> pytree``) of layout strings and ``None`` per leaf, e.g. for
       transposed convs (``"HWOI"``) or mixed models. A string applies to every
       leaf of its rank.
-    mask: optional optax-style mask (pytree of booleans or callable); leaves
-      where it is False are never scaled. It only ever restricts.
+    mask: optional optax-style mask (a pytree of booleans, possibly a prefix
+      of the params, or a callable returning one); the transform is then
+      ``optax.masked(..., mask)`` and leaves where it is False are never
+      scaled.
     normalize: divide each matrix by its mean (per output channel for
       per-channel matrices). Off by default so that presets are exactly
       equivalent to the branched network; with no weight decay in the chain,
@@ -118,12 +420,14 @@ def spatial_gradient_scaling(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
-    :class:`SpatialScalingState`.
+    :class:`SpatialScalingState` (inside an ``optax.MaskedState`` with
+    ``mask``).
 
   Raises:
     ValueError: for an unknown preset or layout, a matrix that does not fit its
-      kernel, a ``scaling`` pytree that does not match the params, negative or
-      non-finite matrices, and (with ``strict=True``) unscaled kernels.
+      kernel, a ``scaling`` pytree that does not match the params, a matrix
+      that is not an array, negative, non-finite, or of mean 0 with
+      ``normalize=True``, and (with ``strict=True``) unscaled kernels.
 
   Examples:
     >>> import jax.numpy as jnp, optax, sgs_optax
@@ -141,129 +445,22 @@ def spatial_gradient_scaling(
     Detkov et al., `Reparameterization through Spatial Gradient Scaling
     <https://arxiv.org/abs/2303.02733>`_, ICLR 2023.
   """
-  if isinstance(scaling, str) and scaling not in _branches.PRESET_NAMES:
-    _branches.preset_branches(scaling, (3, 3))  # raises with the valid names.
-  is_single_array = not isinstance(scaling, str) and (
-      isinstance(scaling, (np.ndarray, jax.Array))
-  )
-  if is_single_array:
-    _check_matrix("all kernels", scaling)
+  spec = _validated_spec(scaling, normalize, strict,
+                         isinstance(kernel_layout, str))
   if isinstance(kernel_layout, str):
-    _kernels.parse_layout(kernel_layout)
-
-  def skip(name: str, reason: str) -> None:
-    if strict:
-      raise ValueError(f"sgs(strict=True): {name} is not scaled: {reason}.")
-    return None
-
-  def initial_matrix(name: str, layout, param, given) -> Any:
-    """The starting matrix for one leaf, or None to leave it untouched."""
-    if layout is None or not jnp.issubdtype(param.dtype, jnp.floating):
-      if given is not None:
-        raise ValueError(
-            f"scaling has a matrix for {name}, which is not a selected 2-D "
-            "conv kernel."
-        )
-      return None
-    axes = _kernels.parse_layout(layout)
-    if len(axes.spatial) != 2:
-      return None  # 1-D and 3-D convs are not scaled.
-    kernel_size = _kernels.spatial_shape(param, layout)
-    channels = _kernels.output_channels(param, layout)
-    if min(kernel_size) < 2:
-      if given is not None and not is_single_array:
-        raise ValueError(
-            f"scaling has a matrix for {name}, whose {kernel_size} kernel is "
-            "not scaled (1x1, 1xK and Kx1 kernels never are)."
-        )
-      return None
-    if is_single_array:
-      if tuple(np.shape(given)[:2]) != kernel_size:
-        return skip(name, f"no {kernel_size} matrix was given")
-      if not _fits(given, kernel_size, channels):
-        raise ValueError(
-            f"scaling of shape {np.shape(given)} does not fit {name} with "
-            f"kernel size {kernel_size} and {channels} output channels."
-        )
-      matrix = given
-    elif scaling is None or isinstance(scaling, str):
-      if kernel_size[0] % 2 == 0 or kernel_size[1] % 2 == 0:
-        return skip(name, f"its kernel size {kernel_size} is even")
-      matrix = (
-          np.ones(kernel_size) if scaling is None else
-          _branches.branch_scaling(
-              kernel_size, _branches.preset_branches(scaling, kernel_size)
-          )
-      )
-    else:
-      if given is None:
-        return skip(name, "the scaling pytree holds None there")
-      _check_matrix(name, given)
-      if not _fits(given, kernel_size, channels):
-        raise ValueError(
-            f"scaling of shape {np.shape(given)} does not fit {name} with "
-            f"kernel size {kernel_size} and {channels} output channels."
-        )
-      matrix = given
-    dtype = jnp.promote_types(jnp.float32, param.dtype)
-    matrix = jnp.asarray(matrix, dtype)
-    if normalize:
-      matrix = matrix / jnp.mean(matrix, axis=(0, 1), keepdims=True)
-    return matrix
-
-  def init_fn(params: optax.Params) -> SpatialScalingState:
-    layouts = _kernels.resolve_layouts(params, kernel_layout, mask)
-    if scaling is None or isinstance(scaling, str):
-      given_tree = jax.tree.map(lambda _: None, layouts,
-                                is_leaf=_kernels.is_layout_leaf)
-    elif is_single_array:
-      given_tree = jax.tree.map(
-          lambda layout: None if layout is None else scaling, layouts,
-          is_leaf=_kernels.is_layout_leaf,
-      )
-    else:
-      given_tree = scaling
-      try:
-        jax.tree.map(lambda *_: None, layouts, given_tree,
-                     is_leaf=_kernels.is_layout_leaf)
-      except ValueError as e:
-        raise ValueError(
-            f"scaling pytree does not match the structure of the params: {e}"
-        ) from None
-    scalings = _kernels.map_layouts(initial_matrix, layouts, params,
-                                    given_tree)
-    if is_single_array and not any(
-        s is not None for s in jax.tree.leaves(
-            scalings, is_leaf=lambda x: x is None)
-    ):
-      raise ValueError(
-          f"scaling of shape {np.shape(scaling)} does not fit any selected "
-          "conv kernel of the params."
-      )
-    return SpatialScalingState(scalings=scalings)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
-    layouts = _kernels.resolve_layouts(updates, kernel_layout)
-
-    def scale(name, matrix, grad, layout):
-      if matrix is None:
-        return grad
-      if layout is None:
-        raise ValueError(
-            f"sgs has a matrix for {name} but kernel_layout gives no layout "
-            "for it at update time."
-        )
-      factor = _kernels.broadcast_to_kernel(matrix, layout)
-      return (grad * factor).astype(grad.dtype)
-
-    scaled = _kernels.map_layouts(scale, state.scalings, updates, layouts)
-    return scaled, state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    _kernels.parse_layout(kernel_layout)  # Fail here, not at init.
+  learned = scaling is None if learn is None else bool(learn)
+  tx = _scale_by_table(spec, learned, kernel_layout)
+  return tx if mask is None else optax.masked(tx, mask)
 
 
 sgs = spatial_gradient_scaling
+
+
+def sgs_states(opt_state: optax.OptState) -> list[tuple[Any, Any]]:
+  """Every :class:`SpatialScalingState` in ``opt_state`` with its path."""
+  return optax.tree_utils.tree_get_all_with_path(
+      opt_state, "SpatialScalingState")
 
 
 def get_scalings(opt_state: optax.OptState) -> optax.Params:
@@ -275,33 +472,37 @@ def get_scalings(opt_state: optax.OptState) -> optax.Params:
       :class:`SpatialScalingState`.
 
   Returns:
-    Its ``scalings`` tree: a matrix per scaled kernel, ``None`` elsewhere.
+    A tree with the structure of the params the transform was initialised
+    with: the matrix at each scaled kernel, ``None`` elsewhere (and where a
+    wrapper masked the params out).
 
   Raises:
     ValueError: if there is no SGS state, or more than one.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, sgs_optax
+    >>> params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4)),
+    ...                    "bias": jnp.ones(4)}}
+    >>> state = optax.chain(sgs_optax.sgs("repvgg"), optax.sgd(0.1)).init(
+    ...     params)
+    >>> scalings = sgs_optax.get_scalings(state)
+    >>> scalings["conv"]["bias"] is None
+    True
+    >>> scalings["conv"]["kernel"]
+    Array([[1., 1., 1.],
+           [1., 2., 1.],
+           [1., 1., 1.]], dtype=float32)
   """
-  states = find_states(opt_state)
+  states = sgs_states(opt_state)
   if len(states) != 1:
     raise ValueError(
         f"get_scalings expects exactly one SpatialScalingState in the "
         f"optimizer state, found {len(states)}."
     )
-  return states[0].scalings
-
-
-def _is_state(x: Any) -> bool:
-  return isinstance(x, SpatialScalingState)
-
-
-def find_states(opt_state: optax.OptState) -> list[SpatialScalingState]:
-  """Every :class:`SpatialScalingState` inside ``opt_state``, in tree order."""
-  return [
-      x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)
-  ]
-
-
-def map_states(fn, opt_state: optax.OptState) -> optax.OptState:
-  """Replaces every :class:`SpatialScalingState` ``s`` by ``fn(s)``."""
-  return jax.tree.map(
-      lambda x: fn(x) if _is_state(x) else x, opt_state, is_leaf=_is_state
-  )
+  table = states[0][1].scalings
+  if not isinstance(table, ScalingTable):
+    raise ValueError(
+        "This SpatialScalingState was initialised without params (e.g. by "
+        "optax.tree_utils.tree_map_params): it holds no matrices."
+    )
+  return table.as_params_tree()

@@ -81,3 +81,8 @@ def test_merge_branches_pads_each_branch_into_the_centre():
   assert "bias" not in merged
   with pytest.raises(ValueError, match="kernel_1"):
     sgs_optax.merge_branches(params, (3, 3), [(3, 3), (3, 1)])
+
+
+def test_empty_branch_list_raises():
+  with pytest.raises(ValueError, match="branches is empty"):
+    sgs_optax.branch_scaling((3, 3), [])

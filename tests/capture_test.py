@@ -1,12 +1,96 @@
-"""Tests for capture_conv_inputs (Flax linen and NNX)."""
+"""Tests for capture_conv_inputs: one mechanism, every front door.
 
+Expected inputs are computed by hand: the model's own intermediate values
+recomputed with plain lax/jnp calls, transposed and padded as the conv reads
+them.
+"""
+
+import equinox as eqx
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import sgs_optax
+
+
+def is_record(x):
+  return isinstance(x, sgs_optax.ConvInput)
+
+
+def same_keys(captured, params):
+  """Whether `captured` has the structure of `params`, None as a leaf."""
+  return (jax.tree.structure(captured, is_leaf=lambda x: x is None or
+                             is_record(x)) == jax.tree.structure(params))
+
+
+def test_plain_function_nchw_oihw_is_recorded_channels_last():
+  def net(params, x):
+    y = jax.lax.conv_general_dilated(
+        x, params["w1"], (1, 1), "SAME",
+        dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    y = jax.nn.relu(y)
+    return jax.lax.conv_general_dilated(
+        y, params["w2"], (2, 2), ((0, 1), (2, 0)), rhs_dilation=(1, 2),
+        feature_group_count=2, dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+  key = jax.random.key(0)
+  params = {"w1": jax.random.normal(key, (4, 3, 3, 3)),
+            "w2": jax.random.normal(key, (6, 2, 3, 5)), "b": jnp.zeros(4)}
+  x = jax.random.normal(key, (2, 3, 8, 8))
+  captured = sgs_optax.capture_conv_inputs(net, params, x)
+  first, second = captured["w1"], captured["w2"]
+  assert captured["b"] is None
+  np.testing.assert_array_equal(first.inputs, np.transpose(x, (0, 2, 3, 1)))
+  assert first.padding == ((1, 1), (1, 1)) and first.kernel_size == (3, 3)
+  hidden = jax.nn.relu(jax.lax.conv_general_dilated(
+      x, params["w1"], (1, 1), "SAME",
+      dimension_numbers=("NCHW", "OIHW", "NCHW")))
+  np.testing.assert_allclose(second.inputs,
+                             np.transpose(hidden, (0, 2, 3, 1)), rtol=1e-6)
+  assert second.padding == ((0, 1), (2, 0))
+  assert second.dilation == (1, 2) and second.strides == (2, 2)
+  assert second.kernel_size == (3, 5) and second.feature_group_count == 2
+
+
+def test_kernels_derived_from_one_param_are_followed_several_are_not():
+  def standardized(w):
+    return (w - w.mean()) / (w.std() + 1e-5)
+
+  def net(params, x):
+    conv = lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv(x, jnp.transpose(standardized(params["ws"]), (1, 0, 2, 3))
+             .astype(jnp.bfloat16).astype(jnp.float32))
+    y = jax.checkpoint(conv)(y, params["remat"])
+    return conv(y, params["a"] + params["b"])  # merged on the fly.
+
+  key = jax.random.key(1)
+  params = {name: jax.random.normal(key, (3, 3, 2, 2))
+            for name in ("ws", "remat", "a", "b")}
+  x = jax.random.normal(key, (1, 5, 5, 2))
+  captured = jax.jit(lambda p, x: sgs_optax.capture_conv_inputs(
+      net, p, x))(params, x)
+  assert is_record(captured["ws"]) and is_record(captured["remat"])
+  assert captured["a"] is None and captured["b"] is None
+
+
+def test_custom_vjp_and_inner_jit_are_followed():
+  @jax.custom_vjp
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO",
+                                                           "NHWC"))
+
+  conv.defvjp(lambda x, w: (conv(x, w), (x, w)), lambda res, g: (None, None))
+  net = jax.jit(lambda p, x: conv(x, p["w"]))
+  x = jax.random.normal(jax.random.key(2), (2, 6, 6, 3))
+  captured = sgs_optax.capture_conv_inputs(net, {"w": jnp.ones((3, 3, 3, 1))},
+                                           x)
+  np.testing.assert_array_equal(captured["w"].inputs, x)
+  assert captured["w"].padding == ((0, 0), (0, 0))
 
 
 class Block(nn.Module):
@@ -35,47 +119,118 @@ def linen_setup():
   return model, variables, x
 
 
-def test_linen_capture_is_keyed_like_params_with_each_conv_geometry():
+def test_linen_is_keyed_like_params_with_each_conv_geometry():
   model, variables, x = linen_setup()
   captured = sgs_optax.capture_conv_inputs(model, variables, x, train=False)
-  assert set(captured) == {"stem", "block", "head"}
-  assert set(captured["block"]) == {"shared", "down"}
-  for path in (("stem",), ("block", "shared"), ("block", "down"), ("head",)):
-    node_params, node_captured = variables["params"], captured
-    for key in path:
-      node_params, node_captured = node_params[key], node_captured[key]
-    assert node_captured["kernel"].kernel_size == node_params["kernel"].shape[:2]
+  assert same_keys(captured, variables["params"])
   np.testing.assert_array_equal(captured["stem"]["kernel"].inputs, x)
-  # The stem's output, recomputed here, is the shared conv's first input.
+  assert captured["stem"]["bias"] is None
+  # CIRCULAR pads before the conv: the input is recorded wrapped, VALID.
   stem = variables["params"]["stem"]
   hidden = nn.relu(nn.Conv(4, (3, 3)).apply({"params": stem}, x))
   shared = captured["block"]["shared"]["kernel"]
-  assert shared.inputs.shape == (4, 8, 8, 4)  # two calls, concatenated.
-  np.testing.assert_allclose(shared.inputs[:2], hidden, rtol=1e-6)
-  assert shared.padding_mode == "circular"
+  assert shared.inputs.shape == (4, 10, 10, 4)  # two calls, pooled.
+  np.testing.assert_allclose(
+      shared.inputs[:2], jnp.pad(hidden, ((0, 0), (1, 1), (1, 1), (0, 0)),
+                                 mode="wrap"), rtol=1e-6)
+  assert shared.padding == ((0, 0), (0, 0))
   # lax SAME with stride 2 on an even map pads (0, 1).
   assert captured["block"]["down"]["kernel"].padding == ((0, 1), (0, 1))
-  assert captured["head"]["kernel"].padding == ((0, 0), (0, 0))
 
 
-def test_linen_capture_does_not_mutate_and_jits():
+def test_linen_train_mode_discards_mutations_and_jits():
   model, variables, x = linen_setup()
   before = jax.tree.map(np.asarray, variables)
-  eager = sgs_optax.capture_conv_inputs(model, variables, x, train=False)
+  eager = sgs_optax.capture_conv_inputs(model, variables, x, train=True)
   jitted = jax.jit(lambda v, x: sgs_optax.capture_conv_inputs(
-      model, v, x, train=False))(variables, x)
+      model, v, x, train=True))(variables, x)
   jax.tree.map(np.testing.assert_array_equal, before,
                jax.tree.map(np.asarray, variables))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
                eager, jitted)
-
-
-def test_linen_capture_rejects_mutable_and_non_modules():
-  model, variables, x = linen_setup()
-  with pytest.raises(ValueError, match="mutable"):
+  with pytest.raises(ValueError, match="train=False"):
     sgs_optax.capture_conv_inputs(model, variables, x, mutable=["x"])
-  with pytest.raises(TypeError, match="Flax"):
-    sgs_optax.capture_conv_inputs(lambda x: x, variables, x)
+  with pytest.raises(TypeError, match="Equinox"):
+    sgs_optax.capture_conv_inputs(object())
+
+
+def test_one_conv_at_two_resolutions_gives_one_record_per_geometry():
+  class Twice(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      conv = nn.Conv(3, (3, 3), name="conv")
+      return conv(x).mean() + conv(x[:, ::2, ::2]).mean()
+
+  x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+  variables = Twice().init(jax.random.key(0), x)
+  captured = sgs_optax.capture_conv_inputs(Twice(), variables, x)
+  records = captured["conv"]["kernel"]
+  assert isinstance(records, tuple) and len(records) == 2
+  np.testing.assert_array_equal(records[0].inputs, x)
+  np.testing.assert_array_equal(records[1].inputs, x[:, ::2, ::2])
+
+
+def test_transposed_conv_input_is_recorded_with_inserted_zeros():
+  class Up(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.ConvTranspose(2, (3, 3), strides=(2, 2), name="up")(x)
+
+  x = jax.random.normal(jax.random.key(4), (1, 4, 4, 3))
+  variables = Up().init(jax.random.key(0), x)
+  record = sgs_optax.capture_conv_inputs(Up(), variables, x)["up"]["kernel"]
+  dilated = np.zeros((1, 7, 7, 3), np.float32)
+  dilated[:, ::2, ::2] = x
+  np.testing.assert_array_equal(record.inputs, dilated)
+  assert record.kernel_size == (3, 3)
+
+
+def test_nn_scan_gives_per_layer_inputs():
+  class Layer(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.relu(nn.Conv(4, (3, 3), name="conv")(x)), None
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(4, (3, 3), name="stem")(x)
+      layers = nn.scan(Layer, variable_axes={"params": 0},
+                       split_rngs={"params": True}, length=3)
+      return layers(name="layers")(x, None)[0]
+
+  x = jax.random.normal(jax.random.key(5), (2, 6, 6, 3))
+  variables = Net().init(jax.random.key(0), x)
+  captured = sgs_optax.capture_conv_inputs(Net(), variables, x)
+  record = captured["layers"]["conv"]["kernel"]
+  assert record.inputs.shape == (3, 2, 6, 6, 4)
+  kernels = variables["params"]["layers"]["conv"]
+  h = nn.Conv(4, (3, 3)).apply({"params": variables["params"]["stem"]}, x)
+  for layer in range(3):
+    np.testing.assert_allclose(record.inputs[layer], h, rtol=1e-5, atol=1e-6)
+    layer_params = jax.tree.map(lambda a, i=layer: a[i], kernels)
+    h = nn.relu(nn.Conv(4, (3, 3)).apply({"params": layer_params}, h))
+
+
+def test_scan_reusing_one_kernel_pools_iterations_into_the_batch():
+  def net(params, x):
+    def step(h, _):
+      y = jax.lax.conv_general_dilated(h, params["w"], (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO",
+                                                          "NHWC"))
+      return jnp.tanh(y), None
+    return jax.lax.scan(step, x, None, length=2)[0]
+
+  x = jax.random.normal(jax.random.key(6), (3, 5, 5, 2))
+  params = {"w": 0.3 * jnp.ones((3, 3, 2, 2))}
+  record = sgs_optax.capture_conv_inputs(net, params, x)["w"]
+  assert record.inputs.shape == (6, 5, 5, 2)
+  np.testing.assert_allclose(record.inputs[:3], x, rtol=1e-6)
 
 
 class NnxNet(nnx.Module):
@@ -96,23 +251,51 @@ class NnxNet(nnx.Module):
     return x
 
 
-def test_nnx_capture_is_keyed_like_the_optimizer_params_and_restores_mode():
+def test_nnx_is_keyed_like_the_optimizer_params_and_leaves_the_model():
   model = NnxNet(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   stats_before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
-  assert model.norm.use_running_average is False
   captured = sgs_optax.capture_conv_inputs(model, x)
-  assert model.norm.use_running_average is False  # train mode restored.
-  assert model.drop.deterministic is False
+  assert model.norm.use_running_average is False  # still in train mode.
   jax.tree.map(np.testing.assert_array_equal, stats_before,
                jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat)))
   params = nnx.as_pure(nnx.state(model, nnx.Param))
-  assert captured["stem"]["kernel"].inputs.shape == (2, 8, 8, 3)
+  assert same_keys(captured, params)
   assert captured["layers"][0]["kernel"].padding == ((0, 1), (0, 1))
-  assert (captured["layers"][1]["kernel"].kernel_size ==
-          params["layers"][1]["kernel"].shape[:2])
-  # Eval mode: the first layer's input is the BN-in-eval output, no dropout.
   model.eval()
-  expected = model.norm(model.stem(x))
+  expected = model.norm(model.stem(x))  # eval: running stats, no dropout.
   np.testing.assert_allclose(captured["layers"][0]["kernel"].inputs, expected,
                              rtol=1e-5, atol=1e-6)
+
+
+class EqxNet(eqx.Module):
+  first: eqx.nn.Conv2d
+  second: eqx.nn.Conv2d
+
+  def __init__(self, key):
+    k1, k2 = jax.random.split(key)
+    self.first = eqx.nn.Conv2d(3, 4, 3, padding=1, key=k1)
+    self.second = eqx.nn.Conv2d(4, 4, 3, stride=2, padding="SAME", key=k2)
+
+  def __call__(self, x):
+    return self.second(jax.nn.relu(self.first(x)))
+
+
+def test_equinox_module_and_vmapped_function():
+  model = EqxNet(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (5, 3, 8, 8))
+  batched = sgs_optax.capture_conv_inputs(lambda m, x: jax.vmap(m)(x),
+                                          model, x)
+  np.testing.assert_array_equal(batched.first.weight.inputs,
+                                np.transpose(x, (0, 2, 3, 1)))
+  hidden = jax.vmap(lambda v: jax.nn.relu(model.first(v)))(x)
+  np.testing.assert_allclose(batched.second.weight.inputs,
+                             np.transpose(hidden, (0, 2, 3, 1)), rtol=1e-5,
+                             atol=1e-6)
+  assert batched.second.weight.padding == ((0, 1), (0, 1))
+  assert batched.first.bias is None
+  single = sgs_optax.capture_conv_inputs(model, x[0])
+  np.testing.assert_allclose(single.second.weight.inputs,
+                             batched.second.weight.inputs[:1], rtol=1e-5,
+                             atol=1e-6)
+  assert same_keys(batched, eqx.filter(model, eqx.is_array))

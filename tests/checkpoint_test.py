@@ -114,7 +114,9 @@ def test_checkpoint_restores_the_exact_tree(runs):
     assert isinstance(sgd_state[0], optax.TraceState)
     assert isinstance(sgd_state[1], optax.ScaleByScheduleState)
     assert int(sgd_state[1].count) == TOTAL
-    scalings = sgs_state.scalings
+    assert isinstance(sgs_state.scalings, sgs_optax.ScalingTable)
+    assert sgs_state.scalings.learned
+    scalings = sgs_optax.get_scalings(restored.opt_state)
     assert scalings["head"]["kernel"] is None
     assert scalings["head"]["bias"] is None
     assert scalings["stage2_block1"]["shortcut"]["kernel"] is None  # 1x1

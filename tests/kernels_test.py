@@ -38,18 +38,6 @@ def test_string_layout_selects_by_rank():
       "conv": {"kernel": "OIHW", "bias": None}, "dense": {"kernel": "OI"}}
 
 
-def test_mask_prefix_and_callable_only_restrict():
-  got = _kernels.resolve_layouts(PARAMS, mask={"conv": False, "dense": True},
-                                 include_dense=True)
-  assert got == {"conv": {"kernel": None, "bias": None},
-                 "dense": {"kernel": "IO"}}
-  got = _kernels.resolve_layouts(PARAMS, mask=lambda p: {
-      "conv": {"kernel": True, "bias": True}, "dense": {"kernel": True}})
-  assert got["conv"]["bias"] is None and got["dense"]["kernel"] is None
-  with pytest.raises(ValueError, match="mask"):
-    _kernels.resolve_layouts(PARAMS, mask={"conv": True})
-
-
 def test_layout_tree_is_validated():
   tree = {"conv": {"kernel": "OIHW", "bias": None}, "dense": {"kernel": "IO"}}
   assert _kernels.resolve_layouts(PARAMS, tree) == tree
@@ -60,10 +48,19 @@ def test_layout_tree_is_validated():
     _kernels.resolve_layouts(PARAMS, {"conv": tree["conv"]})
 
 
-def test_masked_nodes_pass_through():
+def test_masked_nodes_are_never_selected():
   params = {"a": optax.MaskedNode(), "b": jnp.zeros((3, 3, 1, 1))}
-  assert _kernels.resolve_layouts(params) == {"a": optax.MaskedNode(),
-                                              "b": "HWIO"}
+  assert _kernels.resolve_layouts(params) == {"a": None, "b": "HWIO"}
+  # A layout tree naming a leaf that optax.masked / partition replaced, as a
+  # leaf or as a whole masked subtree (prefix mask).
+  params = {"a": optax.MaskedNode(), "b": jnp.zeros((4, 1, 3, 3)),
+            "c": optax.MaskedNode()}
+  layouts = {"a": "OIHW", "b": "OIHW",
+             "c": {"kernel": "OIHW", "bias": None}}
+  assert _kernels.resolve_layouts(params, layouts) == {
+      "a": None, "b": "OIHW", "c": None}
+  assert _kernels.resolve_layouts(params, lambda p: layouts) == {
+      "a": None, "b": "OIHW", "c": None}
 
 
 @pytest.mark.parametrize("layout", ["HWIO", "OIHW", "HWOI", "IOHW"])

@@ -5,6 +5,8 @@ dependence_test.py; here the expected matrices come from calling it directly
 on the right input with the right geometry.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,7 +38,8 @@ def setup():
 def expected_scaling(record, kernel_size, **kwargs):
   d = sgs_optax.spatial_dependence(
       record.inputs, kernel_size, padding=record.padding,
-      dilation=record.dilation, padding_mode=record.padding_mode, **kwargs)
+      dilation=record.dilation or 1, padding_mode=record.padding_mode,
+      **kwargs)
   return np.asarray(d / jnp.mean(d))
 
 
@@ -70,28 +73,42 @@ def test_refresh_with_diagonal_removal_and_k():
                              want, rtol=1e-6)
 
 
-def test_nan_keeps_previous_and_missing_capture_keeps_previous():
+def test_nan_keeps_previous_matrix():
   _, params, x, captured = setup()
-  state = sgs_optax.sgs("acb").init(params)
+  state = sgs_optax.sgs("acb", learn=True).init(params)
   constant = sgs_optax.ConvInput(
       jnp.ones_like(captured["stem"]["kernel"].inputs),
       captured["stem"]["kernel"].padding, kernel_size=(3, 3),
       padding_mode="circular")  # No zero padding: every channel constant.
-  new = sgs_optax.refresh_scalings(state, {"stem": {"kernel": constant}})
+  new = sgs_optax.refresh_scalings(
+      state, {**captured, "stem": {"kernel": constant}})
   scalings = sgs_optax.get_scalings(new)
   np.testing.assert_array_equal(scalings["stem"]["kernel"],
                                 sgs_optax.branch_scaling((3, 3), [(3, 3), (
                                     1, 3), (3, 1)]))
-  np.testing.assert_array_equal(
-      scalings["wide"]["kernel"],
-      sgs_optax.get_scalings(state)["wide"]["kernel"])
+  want = expected_scaling(captured["wide"]["kernel"], (3, 5))
+  np.testing.assert_allclose(scalings["wide"]["kernel"], want, rtol=1e-6)
+
+
+def test_learned_kernel_without_captured_input_raises():
+  _, params, _, captured = setup()
+  state = sgs_optax.sgs().init(params)
+  with pytest.raises(ValueError, match="wide/kernel"):
+    sgs_optax.refresh_scalings(state, {"stem": captured["stem"]})
+
+
+def test_constant_states_are_never_refreshed():
+  _, params, _, captured = setup()
+  tx = optax.chain(sgs_optax.cdg(), optax.adamw(1e-3), sgs_optax.sgs("acb"))
+  with pytest.raises(ValueError, match="no learned SGS state"):
+    sgs_optax.refresh_scalings(tx.init(params), captured)
 
 
 def test_per_channel_state_gets_the_layer_matrix_broadcast():
   _, params, _, captured = setup()
   tree = jax.tree.map(lambda _: None, params)
   tree["stem"]["kernel"] = jnp.ones((3, 3, 6))
-  state = sgs_optax.sgs(tree).init(params)
+  state = sgs_optax.sgs(tree, learn=True).init(params)
   new = sgs_optax.refresh_scalings(state, captured)
   got = sgs_optax.get_scalings(new)["stem"]["kernel"]
   assert got.shape == (3, 3, 6)
@@ -100,7 +117,7 @@ def test_per_channel_state_gets_the_layer_matrix_broadcast():
     np.testing.assert_allclose(got[..., c], want, rtol=1e-6)
 
 
-def test_every_sgs_state_in_nested_wrappers_is_refreshed():
+def test_only_learned_states_in_nested_wrappers_are_refreshed():
   _, params, _, captured = setup()
   conv_mask = lambda p: jax.tree.map(lambda x: x.ndim == 4, p)
   labels = jax.tree.map(lambda x: "conv" if x.ndim == 4 else "rest", params)
@@ -113,11 +130,13 @@ def test_every_sgs_state_in_nested_wrappers_is_refreshed():
   state = tx.init(params)
   new = sgs_optax.refresh_scalings(state, captured)
   want = expected_scaling(captured["stem"]["kernel"], (3, 3))
-  from sgs_optax._spatial import find_states
-  states = find_states(new)
-  assert len(states) == 2
-  for s in states:
-    np.testing.assert_allclose(s.scalings["stem"]["kernel"], want, rtol=1e-6)
+  learned = new[0].inner_state.scalings
+  constant = new[1].inner_states["conv"].inner_state.scalings
+  np.testing.assert_allclose(learned["stem/kernel"], want, rtol=1e-6)
+  np.testing.assert_array_equal(constant["stem/kernel"],
+                                state[1].inner_states["conv"].inner_state
+                                .scalings["stem/kernel"])
+  assert not np.allclose(learned["stem/kernel"], constant["stem/kernel"])
 
 
 def test_refresh_jits_and_does_not_recompile_the_train_step():
@@ -150,10 +169,129 @@ def test_mismatched_trees_raise_naming_the_layer():
   state = sgs_optax.sgs().init(params)
   with pytest.raises(ValueError, match="extra/kernel"):
     sgs_optax.refresh_scalings(state, {**captured, "extra": captured["stem"]})
-  bad = {"stem": {"kernel": sgs_optax.ConvInput(
+  bad = {**captured, "stem": {"kernel": sgs_optax.ConvInput(
       captured["stem"]["kernel"].inputs, ((1, 1), (2, 2)),
       kernel_size=(5, 5))}}
   with pytest.raises(ValueError, match="stem"):
     sgs_optax.refresh_scalings(state, bad)
   with pytest.raises(ValueError, match="no SpatialScalingState"):
     sgs_optax.refresh_scalings(optax.sgd(0.1).init(params), captured)
+
+
+def test_raw_arrays_and_nchw_inputs_raise():
+  _, params, x, captured = setup()
+  state = sgs_optax.sgs().init(params)
+  with pytest.raises(ValueError, match="not a ConvInput"):
+    sgs_optax.refresh_scalings(state, {"stem": {"kernel": x}})
+  nchw = jnp.transpose(captured["stem"]["kernel"].inputs, (0, 3, 1, 2))
+  bad = {**captured, "stem": {"kernel": sgs_optax.ConvInput(
+      nchw, ((1, 1), (1, 1)))}}
+  with pytest.raises(ValueError, match="channels last"):
+    sgs_optax.refresh_scalings(state, bad)
+
+
+def test_calls_at_two_resolutions_are_weighted_by_their_pixels():
+  _, params, x, captured = setup()
+  record = captured["stem"]["kernel"]
+  small = sgs_optax.ConvInput(record.inputs[:, ::2, ::2], ((1, 1), (1, 1)))
+  state = sgs_optax.sgs().init(params)
+  new = sgs_optax.refresh_scalings(
+      state, {**captured, "stem": {"kernel": (record, small)}})
+  d_big = np.asarray(sgs_optax.spatial_dependence(record.inputs, (3, 3),
+                                                  padding=record.padding))
+  d_small = np.asarray(sgs_optax.spatial_dependence(small.inputs, (3, 3),
+                                                    padding=small.padding))
+  big_pixels, small_pixels = 4 * 8 * 8, 4 * 4 * 4
+  d = (big_pixels * d_big + small_pixels * d_small) / (big_pixels +
+                                                       small_pixels)
+  np.testing.assert_allclose(sgs_optax.get_scalings(new)["stem"]["kernel"],
+                             d / d.mean(), rtol=1e-5)
+  assert not np.allclose(d_big / d_big.mean(), d / d.mean(), rtol=1e-3)
+
+
+def test_stacked_layers_get_one_matrix_each():
+  class Layer(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.relu(nn.Conv(4, (3, 3), name="conv")(x)), None
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      layers = nn.scan(Layer, variable_axes={"params": 0},
+                       split_rngs={"params": True}, length=3)
+      return layers(name="layers")(nn.Conv(4, (3, 3), name="stem")(x),
+                                   None)[0]
+
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 8, 8, 3)))
+  params = Net().init(jax.random.key(1), x)["params"]
+  layout = lambda p: jax.tree.map(
+      lambda a: {4: "HWIO", 5: "LHWIO"}.get(a.ndim), p)
+  tx = optax.chain(sgs_optax.sgs(kernel_layout=layout), optax.sgd(0.1))
+  captured = sgs_optax.capture_conv_inputs(Net(), {"params": params}, x)
+  state = sgs_optax.refresh_scalings(tx.init(params), captured)
+  got = np.asarray(sgs_optax.get_scalings(state)["layers"]["conv"]["kernel"])
+  record = captured["layers"]["conv"]["kernel"]
+  assert got.shape == (3, 3, 3)
+  for layer in range(3):
+    want = expected_scaling(dataclasses.replace(
+        record, inputs=record.inputs[layer]), (3, 3))
+    np.testing.assert_allclose(got[layer], want, rtol=1e-5)
+  assert not np.allclose(got[0], got[2])
+  # Each stacked layer's gradient is scaled by its own matrix.
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, state, params)
+  np.testing.assert_allclose(
+      updates["layers"]["conv"]["kernel"][:, :, :, 0, 0], -0.1 * got,
+      rtol=1e-6)
+
+
+def test_nnx_optimizer_state_is_refreshed_in_place():
+  from flax import nnx
+
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+      return self.conv(x)
+
+  model = Net(nnx.Rngs(0))
+  opt = nnx.Optimizer(model, optax.chain(sgs_optax.sgs(), optax.sgd(0.1)),
+                      wrt=nnx.Param)
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 8, 8, 3)))
+
+  @nnx.jit
+  def refresh(model, opt, x):
+    sgs_optax.refresh_scalings(opt.opt_state,
+                               sgs_optax.capture_conv_inputs(model, x))
+
+  refresh(model, opt, x)
+  got = sgs_optax.get_scalings(nnx.as_pure(opt.opt_state))["conv"]["kernel"]
+  want = expected_scaling(sgs_optax.ConvInput(x, ((1, 1), (1, 1))), (3, 3))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  grads = nnx.grad(lambda m: jnp.sum(m(x)))(model)
+  opt.update(model, grads)  # the refreshed state still updates the model.
+
+
+def test_transposed_conv_is_learned_from_its_dilated_input():
+  class Up(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.ConvTranspose(2, (3, 3), strides=(2, 2), name="up")(x)
+
+  x = jax.nn.relu(jax.random.normal(jax.random.key(2), (2, 6, 6, 3)))
+  params = Up().init(jax.random.key(0), x)["params"]
+  state = sgs_optax.sgs(strict=True).init(params)
+  captured = sgs_optax.capture_conv_inputs(Up(), {"params": params}, x)
+  new = sgs_optax.refresh_scalings(state, captured)
+  dilated = jnp.zeros((2, 11, 11, 3)).at[:, ::2, ::2].set(x)
+  record = captured["up"]["kernel"]
+  want = expected_scaling(sgs_optax.ConvInput(dilated, record.padding),
+                          (3, 3))
+  np.testing.assert_allclose(sgs_optax.get_scalings(new)["up"]["kernel"],
+                             want, rtol=1e-5)

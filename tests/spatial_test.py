@@ -130,6 +130,15 @@ def test_pytree_scaling_and_its_errors():
         ({"scaling": jnp.array([[1.0, jnp.nan, 1]] * 3)}, "non-finite"),
         ({"kernel_layout": "HWXO"}, "Unknown kernel_layout"),
         ({"kernel_layout": "HWIIO"}, "Unknown kernel_layout"),
+        ({"kernel_layout": "HWLIO"}, "Unknown kernel_layout"),
+        ({"scaling": np.zeros((3, 3)), "normalize": True}, "mean 0"),
+        ({"scaling": [[1, 2, 1], [2, 3, 2], [1, 2, 1]]}, "must be an array"),
+        ({"scaling": {"stem": {"kernel": [[1.0] * 3] * 3, "bias": None},
+                      "wide": {"kernel": None}, "even": {"kernel": None},
+                      "pointwise": {"kernel": None}, "row": {"kernel": None},
+                      "norm": {"scale": None},
+                      "dense": {"kernel": None, "bias": None}}},
+         "must be an array"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, match):
@@ -174,7 +183,8 @@ def test_mask_only_restricts():
   mask["stem"] = False
   out, state = apply(sgs_optax.sgs("acb", mask=mask), grads)
   np.testing.assert_array_equal(out["stem"]["kernel"], grads["stem"]["kernel"])
-  assert sgs_optax.get_scalings(state)["stem"]["kernel"] is None
+  # A prefix mask hides the whole subtree from the inner transform.
+  assert sgs_optax.get_scalings(state)["stem"] is None
   assert sgs_optax.get_scalings(state)["wide"]["kernel"] is not None
   # A True mask never adds a leaf that the layout does not select.
   out, _ = apply(sgs_optax.sgs("acb", mask=lambda p: jax.tree.map(
@@ -308,8 +318,28 @@ def test_before_adam_is_nearly_a_no_op_and_after_adam_scales_the_update():
       sgd_plain["stem"]["kernel"] * ACB3[:, :, None, None], rtol=1e-6)
 
 
-def test_accepts_extra_args_in_a_chain():
+def test_update_accepts_and_ignores_extra_args():
   params = make_params()
-  tx = optax.chain(sgs_optax.sgs("acb"), optax.sgd(0.1))
+  tx = sgs_optax.sgs("acb")
   state = tx.init(params)
-  tx.update(params, state, params, some_extra_arg=1.0)
+  out, new_state = tx.update(params, state, params, some_extra_arg=1.0)
+  np.testing.assert_array_equal(
+      out["stem"]["kernel"], params["stem"]["kernel"] * ACB3[:, :, None, None])
+  assert new_state is state
+
+
+def test_strict_names_the_layout_for_unselected_kernel_like_leaves():
+  grads = {"conv1d": jnp.ones((3, 2, 4)), "stacked": jnp.ones((2, 3, 3, 2, 4)),
+           "conv": jnp.ones((3, 3, 2, 4)), "embed": jnp.ones((10, 4)),
+           "count": jnp.ones((3, 3, 2), jnp.int32)}
+  for name in ("conv1d", "stacked"):
+    only = {name: grads[name], "conv": grads["conv"], "embed": grads["embed"],
+            "count": grads["count"]}
+    with pytest.raises(ValueError, match=f"{name}.*could be a conv kernel"):
+      sgs_optax.sgs("acb", strict=True).init(only)
+  # An explicit None in a layout tree is a decision, not an oversight.
+  layouts = {"conv1d": None, "stacked": "LHWIO", "conv": "HWIO",
+             "embed": None, "count": None}
+  _, state = apply(sgs_optax.sgs("acb", strict=True, kernel_layout=layouts),
+                   grads)
+  assert sgs_optax.get_scalings(state)["stacked"].shape == (2, 3, 3)
