@@ -30,7 +30,6 @@ from sgs_optax import _channel
 from sgs_optax._channel import cdg
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-METRICS = ("sobolev", "reweighted_l2", "reweighted_sobolev")
 BOUNDARIES = ("periodic", "neumann")
 MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
 LAM = 1.5
