@@ -1,35 +1,48 @@
 """Channel-Directed Gradients: a smoothing metric along output channels.
 
-Lao et al. (2020) take the gradient of a convolutional network's loss with
-respect to a metric that couples neighbouring *output channels* of each kernel
-(a re-weighted L2 or a Sobolev metric), instead of the usual Euclidean one. The
-result only post-processes the stochastic gradient, so it is a stateless optax
-transform that runs on the raw gradient, before any optimizer.
+Lao et al. (2020) take a conv kernel's gradient with respect to a metric ``G``
+that couples neighbouring *output channels*. Every fibre ``g`` of the gradient
+along the output-channel axis (length ``n``) becomes ``G^{-1} g``. ``G`` is
+built from the discrete Laplacian ``L`` along the channel index, whose
+eigenvalues ``-mu_j`` are ``mu_j = 4 sin^2(pi j / n)`` for a periodic channel
+index and ``4 sin^2(pi j / (2 n))`` for reflecting (Neumann) ends, so ``G^{-1}``
+is a multiplier ``m_j`` in a Fourier (periodic) or cosine (Neumann) basis:
 
-The paper's exact formulas could not be read when this module was written.
-The three metrics below are the ones derived in this package's specification
-from the published description: every fibre ``g[..., :]`` along the
-output-channel axis (length ``n = C_out``) becomes ``G^{-1} g``, where the
-metric ``G`` is built from the discrete Laplacian along the channel index and
-is therefore diagonal in a Fourier (periodic boundary) or cosine (Neumann
-boundary) basis. Applying ``G^{-1}`` costs one real FFT and its inverse per
-fibre (of length ``n``, or ``2 n`` for the Neumann boundary), i.e.
-``O(n log n)``; ``reweighted_l2`` has an ``O(n)`` closed form.
+* ``sobolev``: ``m_j = 1 / (1 + lam mu_j)``, i.e. ``(I - lam L) g_hat = g``;
+* ``reweighted_l2``: ``m_0 = 1``, ``m_j = 1 / lam``: the channel mean is kept
+  and the rest divided by ``lam``, an ``O(n)`` closed form;
+* ``reweighted_sobolev``: ``m_0 = 1``, ``m_j = mu_1 / (lam mu_j)``. The raw
+  ``1 / (lam mu_j)`` would multiply the lowest mode by about
+  ``n^2 / (4 pi^2 lam)``; dividing by ``mu_1`` makes that gain ``1 / lam`` at
+  every width.
 
-Kernels sharded over devices inside ``jax.jit`` are supported with automatic
-and explicit sharding; see :func:`_apply_along_output_axis`.
+The periodic solve is one real FFT and its inverse per fibre. The Neumann solve
+diagonalises with the DCT-II, computed by Makhoul's method (one real FFT of
+length ``n`` of the reordered fibre; J. Makhoul, A fast cosine transform in one
+and two dimensions, IEEE Trans. ASSP 28(1), 1980), so it needs no more memory
+than the periodic one. The paper's exact formulas could not be read when this
+was written; these are the ones derived in the package's specification from
+its description.
+
+Sharding: an FFT needs whole fibres. When the output-channel axis of a kernel
+is sharded over a mesh, each device's block is flattened to fibres and an
+all-to-all swaps the sharding from the channel axis to the fibre axis (as
+distributed FFTs do), the fibres are transformed locally, and a second
+all-to-all swaps back; see :func:`_swap_and_solve`. The sharding comes from
+the array's type under explicit sharding and from XLA's partitioner (through
+:func:`jax.experimental.custom_partitioning`) under automatic sharding.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -58,157 +71,206 @@ DEFAULT_SMOOTHING = {
 _AMPLIFYING_BELOW_ONE = ("reweighted_l2", "reweighted_sobolev")
 
 
-def laplacian_eigenvalues(n: int, boundary: str) -> np.ndarray:
-  """Eigenvalues ``mu_j`` of minus the channel Laplacian of ``n`` channels.
-
-  Args:
-    n: the number of output channels.
-    boundary: ``"periodic"`` (``mu_j = 4 sin^2(pi j / n)``) or ``"neumann"``
-      (``mu_j = 4 sin^2(pi j / (2 n))``, the DCT-II eigenvalues).
-
-  Returns:
-    A float64 numpy array of the ``n`` eigenvalues, ``j = 0..n-1``;
-    ``mu_0 = 0`` and ``mu_1`` is the smallest non-zero one.
-  """
-  # Static numpy in float64: n is a Python int, and computing the constants
-  # once at full precision keeps float32 multipliers accurate for wide layers.
-  period = n if boundary == "periodic" else 2 * n
-  return 4.0 * np.sin(np.pi * np.arange(n) / period) ** 2
-
-
-def _multiplier(
-    n: int,
-    lam: jax.typing.ArrayLike,
-    metric: str,
-    boundary: str,
-    dtype: jnp.dtype = jnp.float32,
+def _coefficients(
+    n: int, lam: jax.Array, metric: str, boundary: str
 ) -> jax.Array:
-  """The spectral multiplier ``m_j`` of ``G^{-1}`` on ``rfft`` bins.
+  """What :func:`_solve_rows` multiplies the ``rfft`` bins of a fibre by.
 
   Args:
     n: the number of output channels (at least 2).
-    lam: the smoothing strength; may be a traced scalar.
-    metric: one of :data:`METRICS`.
+    lam: the smoothing strength, a scalar (possibly traced).
+    metric: ``"sobolev"`` or ``"reweighted_sobolev"``.
     boundary: one of :data:`BOUNDARIES`.
-    dtype: the dtype of the result.
 
   Returns:
-    ``m_0 .. m_{P//2}`` for the ``rfft`` of length ``P``, where ``P = n``
-    (periodic) or ``P = 2 n``, the even extension used for the Neumann
-    boundary (see :func:`_transform_fibres`); ``m_0 = 1`` always.
+    A complex ``(2, n // 2 + 1)`` array ``[a, b]``. Periodic: ``a`` is the
+    multiplier ``m_0 .. m_{n // 2}`` and ``b`` is zero. Neumann: the ``rfft``
+    ``V`` of the permuted fibre becomes ``a V + b conj(V)``.
   """
   period = n if boundary == "periodic" else 2 * n
-  mu = laplacian_eigenvalues(period, "periodic")[: period // 2 + 1]
-  mu = jnp.asarray(mu, dtype)
-  lam = jnp.asarray(lam, dtype)
-  one = jnp.ones((1,), dtype)
+  # float64 numpy: n is static, and exact constants keep float32 multipliers
+  # accurate on wide layers.
+  mu = jnp.asarray(4.0 * np.sin(np.pi * np.arange(n) / period) ** 2, lam.dtype)
   if metric == "sobolev":
-    return 1.0 / (1.0 + lam * mu)
-  if metric == "reweighted_l2":
-    return jnp.concatenate([one, jnp.full((mu.shape[0] - 1,), 1.0 / lam)])
-  # reweighted_sobolev: the raw 1 / (lam mu_j) would boost the lowest mode by
-  # ~n^2 / (4 pi^2 lam); dividing by mu_1 makes that gain exactly 1 / lam.
-  return jnp.concatenate([one, mu[1] / (lam * mu[1:])])
-
-
-def _periodic_solve(x: jax.Array, multiplier: jax.Array) -> jax.Array:
-  """Multiplies the ``rfft`` of each fibre of ``x`` by ``multiplier``."""
-  n = x.shape[-1]
-  return jnp.fft.irfft(jnp.fft.rfft(x, axis=-1) * multiplier, n=n, axis=-1)
-
-
-def _transform_fibres(
-    x: jax.Array, lam: jax.typing.ArrayLike, metric: str, boundary: str
-) -> jax.Array:
-  """Applies ``G^{-1}`` to every fibre of ``x`` along its last axis."""
-  n = x.shape[-1]
-  if metric == "reweighted_l2":
-    # The constant vector is the only j = 0 mode of either boundary, so the
-    # closed form is exact for both, O(n) and FFT-free.
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    return mean + (x - mean) / jnp.asarray(lam, x.dtype)
-  m = _multiplier(n, lam, metric, boundary, x.dtype)
+    m = 1.0 / (1.0 + lam * mu)
+  else:
+    m = jnp.concatenate([jnp.ones((1,), lam.dtype), mu[1] / (lam * mu[1:])])
+  half = n // 2
+  complex_dtype = jnp.promote_types(lam.dtype, jnp.complex64)
   if boundary == "periodic":
-    return _periodic_solve(x, m)
-  # Neumann: the reflecting-ends Laplacian of x is the periodic Laplacian of
-  # its even extension [x, flip(x)], which the solve keeps even; this is the
-  # DCT-II diagonalisation done with the same rfft. jax's `dct` lowers to a
-  # complex FFT whose SPMD partitioning aborts the process when the channel
-  # axis is sharded (XLA fft_handler.cc check), so it is avoided.
-  extended = jnp.concatenate([x, jnp.flip(x, axis=-1)], axis=-1)
-  return _periodic_solve(extended, m)[..., :n]
+    zeros = jnp.zeros(half + 1, lam.dtype)
+    return jnp.stack([m[: half + 1], zeros]).astype(complex_dtype)
+  # Makhoul's DCT-II through an FFT of the fibre reordered as
+  # [x_0, x_2, ..., x_3, x_1]: cosine coefficient k is Re(w_k V_k) and
+  # coefficient n - k is -Im(w_k V_k), with w_k = exp(-i pi k / (2 n)).
+  # Scaling them by m_k and m_{n-k} and inverting gives a V + b conj(V).
+  upper = jnp.concatenate([jnp.zeros((1,), lam.dtype), m[::-1][:half]])
+  lower = m[: half + 1]
+  twiddle = jnp.asarray(
+      np.exp(1j * np.pi * np.arange(half + 1) / n), complex_dtype
+  )
+  return jnp.stack(
+      [((lower + upper) / 2).astype(complex_dtype),
+       (lower - upper) / 2 * twiddle]
+  )
 
 
-def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
-  # FFTs in half precision lose most of the signal: promote to >= float32.
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _explicit_spec(x: jax.Array) -> P | None:
-  """The sharding spec of ``x`` if any of its axes is explicitly sharded."""
-  spec = getattr(jax.typeof(x).sharding, "spec", None)
-  if spec is None or all(s is None for s in spec):
-    return None  # Unsharded, or automatic sharding (invisible at trace time).
-  return P(*spec, *([None] * (x.ndim - len(spec))))
-
-
-def _on_rows(
-    fibre_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    x: jax.Array,
-    lam: jax.Array,
+def _solve_rows(
+    rows: jax.Array, coefficients: jax.Array, boundary: str
 ) -> jax.Array:
-  # A 2-D (fibres, channels) FFT operand: XLA's CPU FFT rejects the layouts
-  # that SPMD partitioning can give a >2-D operand (fft_thunk.cc:168
-  # IsMonotonicWithDim0Major), even when only a non-channel axis is sharded.
-  return fibre_fn(x.reshape(-1, x.shape[-1]), lam).reshape(x.shape)
+  """Applies ``G^{-1}`` to each row of a 2-D ``(fibres, channels)`` array."""
+  n = rows.shape[-1]
+  if boundary == "periodic":
+    spectrum = jnp.fft.rfft(rows, axis=-1) * coefficients[0].real
+    return jnp.fft.irfft(spectrum, n=n, axis=-1)
+  # Neumann: Makhoul's DCT-II with real FFTs of length n; jax's `dct` pair
+  # uses complex FFTs, and the even extension [x, flip(x)] length 2 n, each
+  # holding about twice the data.
+  half = (n + 1) // 2
+  spectrum = jnp.fft.rfft(
+      jnp.concatenate([rows[:, ::2], rows[:, 1::2][:, ::-1]], axis=-1), axis=-1
+  )
+  spectrum = (
+      coefficients[0].real * spectrum + coefficients[1] * jnp.conj(spectrum)
+  )
+  u = jnp.fft.irfft(spectrum, n=n, axis=-1)
+  odd = jnp.pad(u[:, half:][:, ::-1], ((0, 0), (0, 2 * half - n)))
+  return jnp.stack([u[:, :half], odd], axis=-1).reshape(-1, 2 * half)[:, :n]
 
 
-def _apply_along_output_axis(
-    g: jax.Array,
-    axis: int,
-    fibre_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    lam: jax.typing.ArrayLike,
+def _swap_and_solve(
+    block: jax.Array,
+    coefficients: jax.Array,
+    channel_axes: str | tuple[str, ...] | None,
+    boundary: str,
 ) -> jax.Array:
-  """Runs ``fibre_fn`` on the fibres of ``g`` along ``axis``.
-
-  This is the single place that moves the output-channel axis, changes
-  precision, handles sharding and calls the transform.
+  """Transforms one device's block of a kernel whose last axis is channels.
 
   Args:
-    g: a kernel gradient.
-    axis: its output-channel axis.
-    fibre_fn: ``fibre_fn(x, lam)`` maps a 2-D ``(fibres, channels)`` array
-      ``x`` to one of the same shape, acting independently on each row.
-    lam: the smoothing strength, a scalar (possibly traced).
+    block: this device's block; the channel axis is last.
+    coefficients: from :func:`_coefficients`, replicated.
+    channel_axes: the mesh axes that shard the channel axis, or ``None``
+      when every device holds whole fibres.
+    boundary: one of :data:`BOUNDARIES`.
 
   Returns:
-    ``g`` transformed, with its shape, dtype and (explicit) sharding.
+    The transformed block, same shape.
   """
-  g = jnp.asarray(g)  # numpy float64 becomes float32 unless x64 is enabled.
-  dtype = _compute_dtype(g.dtype)
-  x = jnp.moveaxis(g, axis, -1).astype(dtype)
+  # 2-D rows: XLA's CPU FFT rejects some layouts of a >2-D operand.
+  rows = block.reshape(-1, block.shape[-1])
+  count = rows.shape[0]
+  if channel_axes:
+    # Split the fibres, gather the channels: whole fibres, sharded fibre
+    # axis. Zero fibres pad the count to a multiple of the devices (a stem
+    # or depthwise kernel has too few); they transform to zero.
+    devices = jax.lax.axis_size(channel_axes)
+    rows = jnp.pad(rows, ((0, -count % devices), (0, 0)))
+    rows = jax.lax.all_to_all(rows, channel_axes, 0, 1, tiled=True)
+  rows = _solve_rows(rows, coefficients, boundary)
+  if channel_axes:
+    rows = jax.lax.all_to_all(rows, channel_axes, 1, 0, tiled=True)[:count]
+  return rows.reshape(block.shape)
+
+
+def _full_spec(spec: P, ndim: int) -> tuple:
+  return (*spec, *([None] * (ndim - len(spec))))
+
+
+def _partition(boundary, mesh, arg_shapes, result_shape):
+  """custom_partitioning's rule: keep the sharding, swap if channels split."""
+  del result_shape
+  x = arg_shapes[0]
+  spec = _full_spec(x.sharding.spec, len(x.shape))
+  channel_axes = spec[-1]
+  if channel_axes:
+    names = (channel_axes,) if isinstance(channel_axes, str) else channel_axes
+    if x.shape[-1] % np.prod([mesh.shape[a] for a in names]):
+      # Uneven shards carry XLA's padding, which an FFT would mix into the
+      # channels: gather the channel axis instead.
+      spec, channel_axes = (*spec[:-1], None), None
+  sharding = NamedSharding(mesh, P(*spec))
+  lower = functools.partial(
+      _swap_and_solve, channel_axes=channel_axes, boundary=boundary
+  )
+  return mesh, lower, sharding, (sharding, NamedSharding(mesh, P()))
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_partitioned_solve(ndim: int, boundary: str):
+  """``_swap_and_solve`` for ``ndim``-D operands, partitioned by XLA.
+
+  Returns ``solve(x, coefficients)`` that also works under ``jax.vmap`` and
+  differentiation, which ``custom_partitioning`` alone does not support.
+  """
+  plain = functools.partial(
+      _swap_and_solve, channel_axes=None, boundary=boundary
+  )
+  # Must not close over array constants (custom_partitioning rejects them):
+  # the coefficients are an operand.
+  partitioned = custom_partitioning(lambda x, m: plain(x, m))
+  factors = " ".join(f"a{i}" for i in range(ndim))
+  partitioned.def_partition(
+      functools.partial(_partition, boundary),
+      infer_sharding_from_operands=lambda mesh, args, res: args[0].sharding,
+      sharding_rule=f"{factors}, c m -> {factors}",
+      need_replication_factors=("c", "m"),
+  )
+  batchable = jax.custom_batching.custom_vmap(lambda x, m: partitioned(x, m))
+
+  @batchable.def_vmap
+  def _(axis_size, in_batched, x, m):
+    if in_batched[1]:  # A batched smoothing: rare, left to XLA.
+      x = x if in_batched[0] else jnp.broadcast_to(x, (axis_size, *x.shape))
+      return jax.vmap(plain)(x, m), True
+    # The batch axis leads: one more fibre axis.
+    return _auto_partitioned_solve(ndim + 1, boundary)(x, m), True
+
+  solve = jax.custom_jvp(lambda x, m: batchable(x, m))
+
+  @solve.defjvp
+  def _(primals, tangents):
+    # Linear in each operand; the tangent (only under differentiation through
+    # the optimizer) is left to XLA's partitioning.
+    return batchable(*primals), jax.jvp(plain, primals, tangents)[1]
+
+  return solve
+
+
+def _sharded_solve(
+    x: jax.Array, coefficients: jax.Array, boundary: str
+) -> jax.Array:
+  """Runs :func:`_swap_and_solve` on ``x`` (channels last) where it lives."""
+  sharding = jax.typeof(x).sharding
+  spec = _full_spec(getattr(sharding, "spec", P()), x.ndim)
+  if not any(spec):
+    # Replicated, or automatic sharding (invisible while tracing): the
+    # partitioner reports it to `_partition`.
+    return _auto_partitioned_solve(x.ndim, boundary)(x, coefficients)
+  local = functools.partial(
+      _swap_and_solve, channel_axes=spec[-1], boundary=boundary
+  )
+  return jax.shard_map(
+      local, mesh=sharding.mesh, in_specs=(P(*spec), P()), out_specs=P(*spec)
+  )(x, coefficients)
+
+
+def _transform(
+    g: jax.Array, axis: int, lam: jax.typing.ArrayLike, metric: str,
+    boundary: str,
+) -> jax.Array:
+  """Applies ``G^{-1}`` along ``axis`` of ``g``, keeping dtype and sharding."""
+  # FFTs in half precision lose most of the signal: compute in >= float32.
+  dtype = jnp.promote_types(g.dtype, jnp.float32)
+  x = g.astype(dtype)
   lam = jnp.asarray(lam, dtype)
-  spec = _explicit_spec(x)
-  if spec is None:
-    # Unsharded, or automatic sharding: XLA partitions the reshape and FFT.
-    y = _on_rows(fibre_fn, x, lam)
-  else:
-    # Explicit sharding: merging sharded axes into rows is a type error, and
-    # an FFT needs whole fibres (its rfft bins cannot keep a channel
-    # sharding). So gather the channel axis only, and let every device
-    # transform its own fibres, as a plain local computation. `lam` is an
-    # argument because shard_map cannot close over tracers on explicit meshes.
-    # The mesh comes from x's type, so no `jax.set_mesh` context is needed.
-    mesh = jax.typeof(x).sharding.mesh
-    whole = P(*spec[:-1], None)
-    local_fn = jax.shard_map(
-        functools.partial(_on_rows, fibre_fn),
-        mesh=mesh,
-        in_specs=(whole, P()),
-        out_specs=whole,
-    )
-    x = jax.sharding.reshard(x, NamedSharding(mesh, whole))
-    y = jax.sharding.reshard(local_fn(x, lam), NamedSharding(mesh, spec))
+  if metric == "reweighted_l2":
+    # The constant fibre is the only j = 0 mode of either boundary. The mean
+    # over a sharded channel axis is a cross-device sum of one value per
+    # fibre, cheaper than a swap.
+    mean = jnp.mean(x, axis=axis, keepdims=True)
+    return (mean + (x - mean) / lam).astype(g.dtype)
+  coefficients = _coefficients(g.shape[axis], lam, metric, boundary)
+  y = _sharded_solve(jnp.moveaxis(x, axis, -1), coefficients, boundary)
   return jnp.moveaxis(y, -1, axis).astype(g.dtype)
 
 
@@ -273,10 +335,8 @@ def _transform_leaf(
     )
   if not jnp.issubdtype(g.dtype, jnp.floating):
     return g  # e.g. float0 gradients of integer leaves.
-  fibre_fn = functools.partial(
-      _transform_fibres, metric=metric, boundary=boundary
-  )
-  return _apply_along_output_axis(g, axis, fibre_fn, lam)
+  # numpy float64 becomes float32 unless x64 is enabled.
+  return _transform(jnp.asarray(g), axis, lam, metric, boundary)
 
 
 def channel_directed_gradients(
@@ -292,73 +352,50 @@ def channel_directed_gradients(
   r"""Channel-Directed Gradients: smooth kernel gradients along output channels.
 
   Every fibre ``g`` of a selected kernel gradient along its output-channel
-  axis (length ``n = C_out``) is replaced by ``G^{-1} g``, its gradient under
-  the metric ``G``. With ``L`` the discrete Laplacian along the channel index,
-  ``mu_j`` the eigenvalues of ``-L`` and ``lam = smoothing``, ``G^{-1}`` has
-  the spectral multiplier ``m_j``:
+  axis is replaced by ``G^{-1} g`` for a metric ``G`` built from the discrete
+  Laplacian along the channel index (eigenvalues ``mu_j``, see
+  :mod:`sgs_optax._channel`). ``metric`` selects the multiplier on channel
+  frequency ``j``:
 
-  * ``"sobolev"`` (H^1): ``m_j = 1 / (1 + lam mu_j)``, i.e. ``g_hat`` solves
-    ``(I - lam L) g_hat = g``. A low-pass filter across channels; it never
-    increases a fibre's L2 norm; ``lam -> 0`` is the identity.
-  * ``"reweighted_l2"`` (re-weighted H^0): ``m_0 = 1``, ``m_j = 1 / lam``,
-    i.e. ``g_hat = mean + (g - mean) / lam``. ``lam = 1`` is the identity.
-  * ``"reweighted_sobolev"`` (re-weighted H^1): ``m_0 = 1``,
-    ``m_j = mu_1 / (lam mu_j)``. The raw ``1 / (lam mu_j)`` would multiply the
-    lowest mode by about ``n^2 / (4 pi^2 lam)`` on wide layers; normalising by
-    the smallest non-zero eigenvalue ``mu_1`` makes that gain exactly
-    ``1 / lam`` at every width, and higher modes are damped further.
+  * ``"sobolev"``: ``1 / (1 + lam mu_j)``, a low-pass that never increases a
+    fibre's norm;
+  * ``"reweighted_l2"``: the channel mean kept, the rest divided by ``lam``;
+  * ``"reweighted_sobolev"``: the mean kept, ``mu_1 / (lam mu_j)``, so the
+    lowest channel mode gains exactly ``1 / lam`` at any width.
 
-  All three keep the mean over output channels exactly (``m_0 = 1``).
+  All three keep each fibre's mean over output channels. ``boundary`` treats
+  the channel index as a ring (``"periodic"``) or reflects at its ends
+  (``"neumann"``); a trained network's channel order is arbitrary, so neither
+  is more right. Gradients are transformed in float32 or wider and cast back.
 
-  Boundaries: ``"periodic"`` treats channel ``n - 1`` as a neighbour of
-  channel 0 (``mu_j = 4 sin^2(pi j / n)``, real FFT); ``"neumann"`` reflects at
-  both ends (``mu_j = 4 sin^2(pi j / (2 n))``, orthonormal DCT-II). The
-  channel order of a trained network is arbitrary, so neither is "right";
-  periodic is the default because it is what the specification derives first
-  and is the cheaper transform. The Neumann solve runs as the periodic solve
-  of the even extension ``[g, flip(g)]`` (length ``2 n``), which is the same
-  operator as the orthonormal DCT-II diagonalisation (``dct``/``idct`` are not
-  used: their SPMD partitioning can abort the process).
+  Place it on the raw gradient, before weight decay and any optimizer
+  (Adam included).
 
-  Sharding: kernels sharded over devices (any axis, the output-channel axis
-  included) work inside ``jax.jit``. With explicit sharding
-  (``jax.sharding.AxisType.Explicit``) the channel axis alone is gathered for
-  the transform, done per device with ``jax.shard_map``, and the result keeps
-  the input's sharding; with automatic sharding XLA chooses the output
-  sharding (on CPU it may replicate the result).
-
-  Defaults for ``smoothing``: ``"sobolev"`` 1.0 (damps the highest channel
-  frequency by 1/5, a moderate low-pass); ``"reweighted_l2"`` and
-  ``"reweighted_sobolev"`` 2.0 (1.0 would make ``reweighted_l2`` the
-  identity; 2.0 halves every non-constant mode at most). See
-  :data:`DEFAULT_SMOOTHING`.
-
-  Computation is in float32 or wider: bfloat16 and float16 gradients are
-  promoted for the transform and cast back; float64 stays float64.
-
-  Place it on the raw gradient, before weight decay and the optimizer:
-  ``optax.chain(cdg(...), optax.add_decayed_weights(wd), optax.sgd(...))``,
-  and likewise before ``optax.adam``.
-
-  .. note::
-    The paper's exact formulas could not be read when this was written. These
-    metrics are the ones derived in this package's specification from the
-    paper's description (output-channel directed re-weighted L2 and Sobolev
-    metrics, applied as a post-processing of the stochastic gradient with
-    linear overhead); they may differ from the authors' implementation.
+  Sharding: inside :func:`jax.jit`, every output keeps its input's sharding,
+  on automatic and explicit meshes, and a kernel sharded along its output
+  channels is never gathered: each device swaps its block to whole fibres
+  with an all-to-all, transforms them and swaps back. A device whose fibre
+  count is not a multiple of the devices sharing the channel axis (a stem
+  with 3 input channels, a depthwise kernel) pads it with zero fibres (fewer
+  than those devices). ``"reweighted_l2"`` needs no swap: its channel mean is
+  a cross-device sum. On an automatic mesh, a channel axis that XLA shards
+  unevenly is gathered (the shards' padding would enter the FFT), and
+  derivatives of the transform itself (differentiating through the
+  optimizer) are partitioned by XLA alone.
 
   Args:
-    smoothing: ``lam > 0``, a Python scalar or a scalar array (it may be traced,
-      e.g. under :func:`optax.inject_hyperparams`; only concrete values are
-      validated). ``None`` uses the metric's default.
+    smoothing: ``lam > 0``, a Python scalar or a scalar array (it may be
+      traced, e.g. under :func:`optax.inject_hyperparams`; only concrete
+      values are validated). ``None`` uses :data:`DEFAULT_SMOOTHING`
+      (``"sobolev"`` 1.0, the re-weighted metrics 2.0).
     metric: ``"sobolev"``, ``"reweighted_l2"`` or ``"reweighted_sobolev"``.
     boundary: ``"periodic"`` or ``"neumann"``.
     kernel_layout: a layout string (default ``"HWIO"``, Flax; ``"OIHW"`` for
       PyTorch-style weights), a pytree of layouts or ``None`` per leaf, or a
-      callable returning one. A string selects every leaf of its rank (so by
-      default 2-D conv kernels); 1-D and 3-D conv kernels are selected only
-      when a layout tree or callable names them. See
-      :mod:`sgs_optax._kernels`.
+      callable returning one. A string selects every leaf of its rank; 1-D and
+      3-D conv kernels are selected only when a layout tree or callable names
+      them (a leading ``"L"`` marks stacked layers, each smoothed on its
+      own). See :mod:`sgs_optax._kernels`.
     mask: optional optax-style boolean mask (pytree, prefix or callable); the
       transform is then ``optax.masked(..., mask)``, so it only removes leaves
       from the selection.
@@ -408,6 +445,9 @@ def channel_directed_gradients(
     >>> updates, _ = tx.update(grads, tx.init(params), params)
 
   References:
+    The metrics are derived from the paper's description; its exact formulas
+    could not be read.
+
     Lao, Zhu, Wonka, Sundaramoorthi, `Channel-Directed Gradients for
     Optimization of Convolutional Neural Networks
     <https://arxiv.org/abs/2008.10766>`_, 2020
