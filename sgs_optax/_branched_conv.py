@@ -41,6 +41,20 @@ class BranchedConv(nn.Module):
     param_dtype: dtype of the params.
     kernel_init: initializer of every branch kernel.
     bias_init: initializer of the bias.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, numpy as np
+    >>> import sgs_optax
+    >>> branches = [(3, 3), (1, 3), (3, 1)]  # ACB
+    >>> conv = sgs_optax.BranchedConv(4, (3, 3), branches)
+    >>> x = jax.random.normal(jax.random.key(0), (1, 5, 5, 2))
+    >>> params = conv.init(jax.random.key(1), x)["params"]
+    >>> sorted(params)
+    ['bias', 'kernel_0', 'kernel_1', 'kernel_2']
+    >>> merged = sgs_optax.merge_branches(params, (3, 3), branches)
+    >>> y = nn.Conv(4, (3, 3)).apply({"params": merged}, x)
+    >>> bool(np.allclose(conv.apply({"params": params}, x), y, atol=1e-5))
+    True
   """
 
   features: int
