@@ -2,6 +2,7 @@
 
 import ast
 import importlib.metadata
+import importlib.util
 import os
 import pathlib
 import re
@@ -95,6 +96,39 @@ def test_extras_name_each_other_instead_of_copying():
   for name, requirements in extras.items():
     names = [normalize(requirement_name(r)) for r in requirements]
     assert "flax" not in names or name == "flax", name
+
+
+def load_floors():
+  spec = importlib.util.spec_from_file_location("floors",
+                                                ROOT / ".ci" / "floors.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_floors_pin_every_declared_requirement_at_its_minimum():
+  floors = load_floors()
+  pyproject = {"project": PROJECT}
+  pins = dict(line.split("==") for line in floors.constraints(pyproject,
+                                                              ["test"]))
+  assert {normalize(name) for name in pins} == declared(["test"])
+  groups = {"runtime": PROJECT["dependencies"],
+            **PROJECT["optional-dependencies"]}
+  for extra, requirements in groups.items():
+    for requirement in requirements:
+      if not requirement.startswith(PROJECT["name"]):
+        name, minimum = re.match(r"([^>=<;\[ ]+)\s*>=\s*([^,; ]+)",
+                                 requirement).groups()
+        assert pins[name] == minimum, (extra, requirement)
+
+
+@pytest.mark.parametrize("requirements", [
+    ["numpy"], ["numpy<3"], ["numpy>=2,>=2.1"], ["numpy>=2", "numpy>=2.1"]])
+def test_floors_refuse_a_missing_or_ambiguous_floor(requirements):
+  floors = load_floors()
+  pyproject = {"project": {"name": "x", "dependencies": requirements}}
+  with pytest.raises(ValueError):
+    floors.constraints(pyproject, [])
 
 
 def run(command, **kwargs):
