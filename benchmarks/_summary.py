@@ -113,8 +113,8 @@ def _plot_differences(ax, records, cmap) -> None:
   rows = [(i, r) for i, r in enumerate(records) if r.get("paired_difference")]
   for y, (i, r) in enumerate(rows):
     diff = r["paired_difference"]
-    ax.plot(diff["per_seed"], [y] * len(diff["per_seed"]), "|",
-            color=cmap(i % 10), alpha=0.5, markersize=10)
+    ax.plot(diff["per_seed"], [y + 0.2] * len(diff["per_seed"]), "x",
+            color=cmap(i % 10), alpha=0.6, markersize=5)
     if diff["ci95"] is None:
       ax.plot(diff["mean"], y, "o", color=cmap(i % 10))
     else:
@@ -128,5 +128,5 @@ def _plot_differences(ax, records, cmap) -> None:
                  for _, r in rows], fontsize=8)
   ax.invert_yaxis()
   ax.set_xlabel("paired difference in test accuracy (percentage points)")
-  ax.set_title("method - baseline: mean, 95% t-interval, seeds (|)")
+  ax.set_title("method - baseline: mean, 95% t-interval (x: seeds)")
   ax.grid(axis="x", alpha=0.3)

@@ -15,18 +15,20 @@ from benchmarks import _train
 from benchmarks import compare
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  out_dir = tmp_path_factory.mktemp("compare")
-  out, png = out_dir / "results.json", out_dir / "results.png"
+@pytest.mark.slow
+def test_tiny_run_of_every_method(tmp_path):
+  """One run checked from every side (one test: the run is the cost)."""
+  out, png = tmp_path / "results.json", tmp_path / "results.png"
   results = compare.main(
       ["--tiny", "--seeds", "2", "--out", str(out), "--plot", str(png)])
-  return results, out, png
+  _check_written(results, out, png)
+  _check_every_method(results)
+  _check_lr_and_paired_differences(results)
+  _check_merged_equals_branched(results)
+  _check_branched_baseline_starts_where_sgs_starts(results)
 
 
-@pytest.mark.slow
-def test_tiny_run_writes_json_and_png(tiny_run):
-  results, out, png = tiny_run
+def _check_written(results, out, png):
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   written = json.loads(out.read_text())
   assert written["settings"]["tiny"] is True
@@ -41,9 +43,7 @@ def test_tiny_run_writes_json_and_png(tiny_run):
       "unmeasured")
 
 
-@pytest.mark.slow
-def test_tiny_run_covers_every_method(tiny_run):
-  results, _, _ = tiny_run
+def _check_every_method(results):
   ran = [m["method"] for m in results["methods"]]
   assert ran == list(compare.METHODS)
   epochs = results["settings"]["epochs"]
@@ -64,9 +64,7 @@ def test_tiny_run_covers_every_method(tiny_run):
       assert record["refresh_compilations"] <= 1
 
 
-@pytest.mark.slow
-def test_tiny_run_json_has_lr_and_paired_differences(tiny_run):
-  results, _, _ = tiny_run
+def _check_lr_and_paired_differences(results):
   by_name = {m["method"]: m for m in results["methods"]}
   settings = results["settings"]
   for record in results["methods"]:
@@ -89,23 +87,7 @@ def test_tiny_run_json_has_lr_and_paired_differences(tiny_run):
     assert lo <= diff["mean"] <= hi
 
 
-@pytest.mark.slow
-def test_tiny_run_seeds_are_paired_and_reproducible(tiny_run):
-  results, _, _ = tiny_run
-  sgd = next(m for m in results["methods"] if m["method"] == "sgd")
-  again = compare.main(["--tiny", "--seeds", "2", "--methods", "sgd",
-                        "--no-progress", "--out", ""])
-  np.testing.assert_array_equal(
-      [r["test_accuracy"] for r in sgd["runs"]],
-      [r["test_accuracy"] for r in again["methods"][0]["runs"]])
-  np.testing.assert_array_equal(
-      [r["train_loss"] for r in sgd["runs"]],
-      [r["train_loss"] for r in again["methods"][0]["runs"]])
-
-
-@pytest.mark.slow
-def test_tiny_run_merged_model_equals_branched_model(tiny_run):
-  results, _, _ = tiny_run
+def _check_merged_equals_branched(results):
   branched = [m for m in results["methods"] if m["model_conv"] != "plain"]
   assert {m["method"] for m in branched} == {"acb-branched", "repvgg-branched"}
   for record in branched:
@@ -116,17 +98,27 @@ def test_tiny_run_merged_model_equals_branched_model(tiny_run):
           run["branched_final_test_accuracy"])
 
 
-@pytest.mark.slow
-def test_branched_baseline_starts_where_sgs_starts(tiny_run):
+def _check_branched_baseline_starts_where_sgs_starts(results):
   """Same merged initial weights: ACB branches follow sgs("acb") (SGD)."""
-  results, _, _ = tiny_run
   by_name = {m["method"]: m for m in results["methods"]}
-  for sgs_run, branched_run in zip(by_name["sgs-acb"]["runs"],
-                                   by_name["acb-branched"]["runs"]):
-    # Equal up to float32 rounding (an independent branched init differs
-    # from the first epoch by far more).
-    np.testing.assert_allclose(branched_run["train_loss"],
-                               sgs_run["train_loss"], rtol=1e-3)
+  for preset in ("acb", "repvgg"):
+    for sgs_run, branched_run in zip(by_name[f"sgs-{preset}"]["runs"],
+                                     by_name[f"{preset}-branched"]["runs"]):
+      # Equal up to float32 rounding (an independent branched init differs
+      # from the first epoch by far more).
+      np.testing.assert_allclose(branched_run["train_loss"],
+                                 sgs_run["train_loss"], rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_runs_are_reproducible():
+  argv = ["--tiny", "--seeds", "2", "--methods", "sgd", "--no-progress",
+          "--out", ""]
+  first, again = compare.main(argv), compare.main(argv)
+  for key in ("test_accuracy", "train_loss"):
+    np.testing.assert_array_equal(
+        [r[key] for r in first["methods"][0]["runs"]],
+        [r[key] for r in again["methods"][0]["runs"]])
 
 
 @pytest.mark.slow
