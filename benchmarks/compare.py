@@ -150,8 +150,9 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
                  "split first; default off")
   p.add_argument("--tune-grid", type=int, default=5,
                  help="learning rates per method; default 5")
-  p.add_argument("--tune-factor", type=float, default=2.0,
-                 help="ratio of neighbouring grid values; default 2")
+  p.add_argument("--tune-factor", type=float, default=3.0,
+                 help="ratio of neighbouring grid values; default 3 (5 "
+                 "values span 81x)")
   p.add_argument("--tune-seeds", type=int, default=1,
                  help="seeds per tuning trial; default 1")
   p.add_argument("--val-fraction", type=float, default=None,
@@ -703,10 +704,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-  """``main`` for the command line: a data problem is one message, exit 2."""
+  """``main`` for the command line: a data or checkpoint problem is one
+  message on stderr and exit status 2."""
   try:
     main(argv)
-  except _data.DataUnavailableError as e:
+  except (_data.DataUnavailableError,
+          _checkpoint.SettingsMismatchError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -141,7 +141,8 @@ def test_identical_methods_differ_by_exactly_zero(monkeypatch):
 @pytest.mark.slow
 def test_tuning_picks_the_best_validation_lr(tmp_path):
   results = compare.main([
-      "--tiny", "--tune", "--tune-grid", "3", "--methods", "sgd",
+      "--tiny", "--tune", "--tune-grid", "3", "--tune-factor", "2",
+      "--methods", "sgd",
       "--no-progress", "--out", str(tmp_path / "tuned.json"), "--plot", ""])
   (record,) = results["methods"]
   tuning = record["tuning"]

@@ -15,9 +15,11 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import _checkpoint
 from benchmarks import _recipes
 from benchmarks import compare
 
@@ -99,6 +101,26 @@ def test_recipe_tiny_mode(name, tfds, tmp_path):
   throughput = results["throughput"]
   assert throughput["accelerator_throughput"].startswith("unmeasured")
   assert math.isfinite(throughput["outside_jit_share"])
+
+
+def test_checkpoint_round_trip_and_refusal(tmp_path):
+  state = ({"w": jnp.arange(6.0).reshape(2, 3)}, jnp.int32(7))
+  settings = {"epochs": 8, "lr": 0.1, "methods": ("sgd",)}
+  checkpoint = _checkpoint.RunCheckpoint(str(tmp_path), settings, every=2)
+  checkpoint.save(1, state, {"train_loss": [1.0]})  # not due (every 2).
+  checkpoint.save(2, state, {"train_loss": [1.0, 0.5]})
+  checkpoint.close()
+  again = _checkpoint.RunCheckpoint(str(tmp_path), settings)
+  assert again.latest_epoch() == 2
+  template = ({"w": jnp.zeros((2, 3))}, jnp.int32(0))
+  restored, history = again.restore(template)
+  np.testing.assert_array_equal(restored[0]["w"], state[0]["w"])
+  assert int(restored[1]) == 7 and history == {"train_loss": [1.0, 0.5]}
+  again.close()
+  other = _checkpoint.RunCheckpoint(str(tmp_path), {**settings, "lr": 0.2})
+  with pytest.raises(_checkpoint.SettingsMismatchError, match="lr differ"):
+    other.restore(template)
+  other.close()
 
 
 def _command(out, log, checkpoint_dir):
