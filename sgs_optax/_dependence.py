@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 import functools
 import itertools
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -61,10 +62,13 @@ _GATHER_COST = 4
 # enough for the chunk and the bin ids of four displacements to stay in a
 # typical L2 cache. Chunks shrink for larger groups of displacements.
 _CHUNK_ELEMENTS = 1 << 15
-# Count tables (and sampled pair locations) are held for at most this many
-# cells at once: large windows are counted in groups of displacements so that
-# memory stays bounded whatever the window.
+# Count tables (and sampled pair positions) are held for at most this many
+# int32 cells at once: large windows are counted in groups of displacements,
+# so that memory stays bounded whatever the window.
 _GROUP_CELLS = 1 << 24
+# Windows with more displacements than this are counted in a loop over them
+# rather than unrolled, so that compile time stays flat as windows grow.
+_UNROLLED_ROWS = 16
 
 
 class _Plan(NamedTuple):
@@ -161,7 +165,9 @@ def _bin_index(
   return jnp.clip(idx, 0, jnp.asarray(bins, jnp.int32) - 1)
 
 
-def _all_reduce(x: jax.Array, op: Callable[..., jax.Array], axes: tuple[str, ...]):
+def _all_reduce(
+    x: jax.Array, op: Callable[..., jax.Array], axes: tuple[str, ...]
+) -> jax.Array:
   """Combines per-device statistics over the mesh axes the batch is split on."""
   return op(x, axes) if axes else x
 
@@ -189,7 +195,9 @@ class _Chunks(NamedTuple):
   get: Callable[[Any], tuple[jax.Array, jax.Array]]
 
 
-def _batch_chunks(x: jax.Array, padded: Sequence[int], elements: int) -> _Chunks:
+def _batch_chunks(
+    x: jax.Array, padded: Sequence[int], elements: int
+) -> _Chunks:
   n = x.shape[0]
   row = math.prod(padded) * x.shape[-1]
   size = int(min(n, max(1, elements // max(row, 1))))
@@ -210,11 +218,93 @@ def _pad(chunk: jax.Array, plan: _Plan) -> jax.Array:
   )
 
 
-def _pairs(xp: jax.Array, plan: _Plan, j: int) -> tuple[jax.Array, jax.Array]:
-  """Centre and neighbour pixels of displacement `j` in a padded chunk."""
-  x, y, _ = _crop(plan.offsets[j], plan.padded)
+def _take(table: Any, row: Any) -> Any:
+  """Row `row` of a small table: static for an int row, traced otherwise.
+
+  A traced row is picked by a masked reduction rather than a dynamic slice:
+  a dynamic slice would be fused into the per-pair arithmetic that reads it
+  and keep that from compiling to vector code.
+  """
+  if isinstance(row, int):
+    return table[row]
+  table = jnp.asarray(table)
+  pick = jnp.arange(table.shape[0]) == row
+  pick = pick.reshape((-1,) + (1,) * (table.ndim - 1))
+  if jnp.issubdtype(table.dtype, jnp.floating):
+    lowest = -jnp.inf
+  else:
+    lowest = jnp.iinfo(table.dtype).min
+  return jnp.max(jnp.where(pick, table, lowest), axis=0)
+
+
+def _live_crops(plan: _Plan) -> np.ndarray:
+  """Per live displacement and axis: x start, y start and crop length."""
+  table = np.zeros((len(plan.live), 3, len(plan.spatial)), np.int32)
+  for row, j in enumerate(plan.live):
+    x, y, _ = _crop(plan.offsets[j], plan.padded)
+    table[row] = [[s.start for s in x], [s.start for s in y],
+                  [s.stop - s.start for s in x]]
+  return table
+
+
+class _Schedule(NamedTuple):
+  """Which rows (displacements) each loop step handles, for which block.
+
+  A few rows are unrolled: every step handles all of them on one block, with
+  exact static crops. Many rows (a large window) would unroll into a program
+  whose compile time grows with the window, so each step handles one row of
+  one block instead, with a traced row number.
+  """
+
+  rows: tuple[int, ...]
+  blocks: int
+
+  @property
+  def unrolled(self) -> bool:
+    return len(self.rows) <= _UNROLLED_ROWS
+
+  @property
+  def num(self) -> int:
+    return self.blocks * (1 if self.unrolled else len(self.rows))
+
+  def at(self, i: Any) -> tuple[Any, list[tuple[Any, Any]]]:
+    """Block of step `i` and its (position in `rows`, row) pairs."""
+    if self.unrolled:
+      return i, list(enumerate(self.rows))
+    slot = i % len(self.rows)
+    return i // len(self.rows), [(slot, _take(self.rows, slot))]
+
+
+def _row_pairs(
+    xp: jax.Array, plan: _Plan, row: Any
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """Centre and neighbour pixels of live displacement `row` in a padded chunk.
+
+  Returns them and a mask of the real pairs (None: all are). A static row is
+  cropped exactly; a traced one pairs the whole map with a shifted copy and
+  masks the pairs whose neighbour falls off the map.
+  """
   everything = slice(None)
-  return xp[(everything, *x, everything)], xp[(everything, *y, everything)]
+  if isinstance(row, int):
+    x, y, _ = _crop(plan.offsets[plan.live[row]], plan.padded)
+    return (xp[(everything, *x, everything)],
+            xp[(everything, *y, everything)], None)
+  offset = _take(np.asarray([plan.offsets[j] for j in plan.live]), row)
+  # Row-major: the neighbour of flat position q is q + delta wherever the
+  # pair is real; elsewhere the index is clipped and the pair masked.
+  delta = jnp.dot(offset, np.cumprod((1, *plan.padded[:0:-1]))[::-1])
+  flat = xp.reshape(-1, xp.shape[-1])
+  source = jnp.arange(flat.shape[0]) + delta
+  ys = jnp.take(flat, source, axis=0, mode="clip").reshape(xp.shape)
+  valid = True
+  for axis, size in enumerate(plan.padded):
+    t = jax.lax.broadcasted_iota(jnp.int32, (1, *plan.padded, 1), axis + 1)
+    valid = valid & (t + offset[axis] >= 0) & (t + offset[axis] < size)
+  return xp, ys, valid
+
+
+def _fresh_mask(fresh: jax.Array, like: jax.Array) -> jax.Array:
+  return fresh.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 class _Ranges(NamedTuple):
@@ -222,7 +312,7 @@ class _Ranges(NamedTuple):
 
   lo: jax.Array  # (L, 2, C): the x and y minima
   scale: jax.Array  # (L, 2, C): bins / (max - min)
-  bins: list[Any]  # per row: a static int, or (C,) traced counts
+  bins: Any  # (L,) static ints, or (L, C) traced counts
 
 
 def _position_extrema(
@@ -264,42 +354,35 @@ def _running(m: jax.Array, op: Callable[..., jax.Array]) -> list[jax.Array]:
   """
   maps = [m]
   for axis in range(m.ndim - 1):
-    maps = [op(x, axis=axis, reverse=rev) for rev in (False, True) for x in maps]
+    maps = [op(x, axis=axis, reverse=back) for back in (False, True)
+            for x in maps]
   return maps
 
 
-def _corner(region: tuple[slice, ...]) -> tuple[int, ...]:
-  """Which running map holds a crop's extremum, and at which position.
+def _corners(starts: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+  """Which running map holds each crop's extremum, and at which position.
 
   Every crop is a prefix or a suffix of each axis, so its extremum is the
   forward run at its last position or the backward run at its first one.
   """
-  which, where = 0, []
-  for axis, s in enumerate(region):
-    if s.start == 0:
-      where.append(s.stop - 1)
-    else:
-      which |= 1 << axis
-      where.append(s.start)
-  return (which, *where)
+  suffix = starts > 0
+  which = (suffix * (1 << np.arange(starts.shape[-1]))).sum(-1)
+  where = np.where(suffix, starts, starts + lengths - 1)
+  return [which, *where.T]
 
 
 def _crop_ranges(
     lo_map: jax.Array, hi_map: jax.Array, plan: _Plan, axes: tuple[str, ...]
 ) -> _Ranges:
   """Bins over each crop's [min, max], with the static Sturges count."""
-  corners = []
-  for j in plan.live:
-    x, y, _ = _crop(plan.offsets[j], plan.padded)
-    corners += [_corner(x), _corner(y)]
-  index = tuple(np.asarray(column) for column in zip(*corners))
-
-  def pick(m, op):
-    return jnp.stack(_running(m, op))[index].reshape(len(plan.live), 2, -1)
-
-  lo = _all_reduce(pick(lo_map, jax.lax.cummin), jax.lax.pmin, axes)
-  hi = _all_reduce(pick(hi_map, jax.lax.cummax), jax.lax.pmax, axes)
-  bins = [_sturges(plan.pairs(j)) for j in plan.live]
+  table = _live_crops(plan)
+  index = [np.stack([x, y], axis=1) for x, y in zip(
+      _corners(table[:, 0], table[:, 2]), _corners(table[:, 1], table[:, 2]))]
+  lo = jnp.stack(_running(lo_map, jax.lax.cummin))[tuple(index)]
+  hi = jnp.stack(_running(hi_map, jax.lax.cummax))[tuple(index)]
+  lo = _all_reduce(lo, jax.lax.pmin, axes)  # (L, 2, C)
+  hi = _all_reduce(hi, jax.lax.pmax, axes)
+  bins = tuple(_sturges(plan.pairs(j)) for j in plan.live)
   scale = _bin_scale(lo, hi, np.asarray(bins, np.float32)[:, None, None])
   return _Ranges(lo, scale, bins)
 
@@ -313,50 +396,52 @@ def _kept_ranges(
   the bin count, depends on the data, and every device's share counts.
   """
   chunks = _batch_chunks(inputs, plan.padded, _CHUNK_ELEMENTS)
-  c = inputs.shape[-1]
+  schedule = _Schedule(tuple(range(len(plan.live))), chunks.num)
 
   def body(i, carry):
-    chunk, fresh = chunks.get(i)
+    kept, lo, hi = carry
+    block, steps = schedule.at(i)
+    chunk, fresh = chunks.get(block)
     xp = _pad(chunk, plan)
-    out = []
-    for j, (kept, lo, hi) in zip(plan.live, carry):
-      pair = _pairs(xp, plan, j)
-      keep = (pair[0] != 0) & (pair[1] != 0)
-      keep &= fresh.reshape((-1,) + (1,) * (keep.ndim - 1))
+    for _, row in steps:
+      xs, ys, valid = _row_pairs(xp, plan, row)
+      keep = (xs != 0) & (ys != 0) & _fresh_mask(fresh, xs)
+      keep = keep if valid is None else keep & valid
       over = tuple(range(keep.ndim - 1))
-      low = [jnp.min(jnp.where(keep, v, jnp.inf), over) for v in pair]
-      high = [jnp.max(jnp.where(keep, v, -jnp.inf), over) for v in pair]
-      out.append((
-          kept + _count_true(keep, over),
-          jnp.minimum(lo, jnp.stack(low)),
-          jnp.maximum(hi, jnp.stack(high)),
-      ))
-    return out
+      low = [jnp.min(jnp.where(keep, v, jnp.inf), over) for v in (xs, ys)]
+      high = [jnp.max(jnp.where(keep, v, -jnp.inf), over) for v in (xs, ys)]
+      kept = kept.at[row].add(_count_true(keep, over))
+      lo = lo.at[row].min(jnp.stack(low))
+      hi = hi.at[row].max(jnp.stack(high))
+    return kept, lo, hi
 
-  inf = jnp.full((2, c), jnp.inf, jnp.float32)
-  init = [(jnp.zeros((c,), jnp.int32), inf, -inf) for _ in plan.live]
-  stats = jax.lax.fori_loop(0, chunks.num, body, init)
-  kept, lo, hi = (jnp.stack(s) for s in zip(*stats))
+  shape = (len(plan.live), 2, inputs.shape[-1])
+  kept, lo, hi = jax.lax.fori_loop(0, schedule.num, body, (
+      jnp.zeros(shape[::2], jnp.int32), jnp.full(shape, jnp.inf),
+      jnp.full(shape, -jnp.inf)))
   kept = _all_reduce(kept, jax.lax.psum, axes)
   lo = _all_reduce(lo, jax.lax.pmin, axes)
   hi = _all_reduce(hi, jax.lax.pmax, axes)
   bins = _sturges_traced(kept)  # (L, C); never above the static buffer
-  return _Ranges(lo, _bin_scale(lo, hi, bins[:, None, :]), list(bins))
+  return _Ranges(lo, _bin_scale(lo, hi, bins[:, None, :]), bins)
 
 
 class _Cells(NamedTuple):
-  """Layout of a group's count tables: ``buf`` x ``buf`` cells per row
-  (displacement) and channel, ``stride`` cells apart, then one spare cell
-  per channel for the pairs that are not counted."""
+  """Count tables of a group of consecutive live displacements (rows).
 
-  rows: tuple[int, ...]  # indices into the live displacements
+  ``buf`` x ``buf`` cells per row and channel, ``stride`` cells apart, then
+  one spare cell per channel for the pairs that are not counted.
+  """
+
+  start: int  # first live row of the group
+  rows: int
   channels: int
   buf: int
   stride: int
 
   @property
   def size(self) -> int:
-    return len(self.rows) * self.channels * self.stride
+    return self.rows * self.channels * self.stride
 
   def spare(self) -> jax.Array:
     # One spare cell per channel: a single one would chain every dropped add
@@ -376,25 +461,22 @@ def _channel_stride(buf: int) -> int:
 
 def _groups(plan: _Plan, channels: int) -> list[_Cells]:
   """Live displacements split so each group's tables stay bounded."""
-  live, buf = plan.live, plan.buf
+  live, buf = len(plan.live), plan.buf
   stride = _channel_stride(buf)
-  per_row = channels * stride + (plan.subsample or 0)
-  size = max(1, _GROUP_CELLS // per_row)
-  return [
-      _Cells(tuple(range(start, min(start + size, len(live)))), channels, buf,
-             stride)
-      for start in range(0, len(live), size)
-  ]
+  # Per row: its tables, and its sampled pair positions if any.
+  size = max(1, _GROUP_CELLS // (channels * stride + (plan.subsample or 0)))
+  return [_Cells(start, min(size, live - start), channels, buf, stride)
+          for start in range(0, live, size)]
 
 
 def _cell_ids(
-    cells: _Cells, ranges: _Ranges, row: int, xs: jax.Array, ys: jax.Array,
+    cells: _Cells, ranges: _Ranges, row: Any, xs: jax.Array, ys: jax.Array,
     keep: jax.Array,
 ) -> jax.Array:
-  """Table cell of each pair; pairs not kept go to the spare cells."""
-  live_row = cells.rows[row]
-  lo, scale, bins = (ranges.lo[live_row], ranges.scale[live_row],
-                     ranges.bins[live_row])
+  """Table cell of each pair of group row `row`; others go to spare cells."""
+  live_row = cells.start + row
+  lo, scale = _take(ranges.lo, live_row), _take(ranges.scale, live_row)
+  bins = _take(ranges.bins, live_row)
   ix = _bin_index(xs, lo[0], scale[0], bins)
   iy = _bin_index(ys, lo[1], scale[1], bins)
   base = jnp.arange(cells.channels, dtype=jnp.int32) * cells.stride
@@ -456,25 +538,29 @@ def _count_pairs(
     tables: jax.Array, inputs: jax.Array, plan: _Plan, ranges: _Ranges,
     cells: _Cells, rows: list[int],
 ) -> jax.Array:
-  """Counts every pair of the given rows, one scatter per row and chunk."""
-  # Chunks shrink as rows grow so that all rows' ids stay cache-sized.
-  elements = _CHUNK_ELEMENTS * 4 // max(len(rows), 4)
+  """Counts every pair of the given group rows, chunk by chunk."""
+  # The ids of all rows a step handles (all unrolled ones, or one) stay
+  # about as small as those of four rows in a chunk.
+  per_step = len(rows) if len(rows) <= _UNROLLED_ROWS else 1
+  elements = _CHUNK_ELEMENTS * 4 // max(per_step, 4)
   chunks = _batch_chunks(inputs, plan.padded, elements)
-  live = plan.live
+  schedule = _Schedule(tuple(rows), chunks.num)
 
   def chunk_ids(i):
-    chunk, fresh = chunks.get(i)
+    block, steps = schedule.at(i)
+    chunk, fresh = chunks.get(block)
     xp = _pad(chunk, plan)
     ids = []
-    for row in rows:
-      xs, ys = _pairs(xp, plan, live[cells.rows[row]])
-      keep = fresh.reshape((-1,) + (1,) * (xs.ndim - 1))
+    for _, row in steps:
+      xs, ys, valid = _row_pairs(xp, plan, cells.start + row)
+      keep = _fresh_mask(fresh, xs)
+      keep = keep if valid is None else keep & valid
       if plan.diagonal_removal:
         keep = keep & (xs != 0) & (ys != 0)
       ids.append(_cell_ids(cells, ranges, row, xs, ys, keep))
     return ids
 
-  return _pipelined_counts(tables, chunks.num, chunk_ids, cells.spare())
+  return _pipelined_counts(tables, schedule.num, chunk_ids, cells.spare())
 
 
 def _source_index(
@@ -497,23 +583,25 @@ def _source_index(
 
 
 def _locate(
-    pos: jax.Array, j: int, plan: _Plan, first: jax.Array, n_local: int
+    pos: jax.Array, row: Any, plan: _Plan, first: Any, n_local: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Flat local rows of the x and y pixels of pair number `pos`, and whether
-  the pair's image is on this device. A row of -1 is a padding zero."""
-  x_crop, y_crop, per_image = _crop(plan.offsets[j], plan.padded)
+  """Flat local rows of the x and y pixels of pair number `pos` of live row
+  `row`, and whether the pair's image is on this device. A flat row of -1 is
+  a zero of the padding."""
+  x_start, y_start, length = _take(_live_crops(plan), row)
+  per_image = np.prod(length) if isinstance(row, int) else jnp.prod(length)
   image, rest = jnp.divmod(pos, per_image)
   image = image - first
   here = (image >= 0) & (image < n_local)
   within = []
-  for s in reversed(x_crop):  # row-major position inside the crop
-    rest, q = jnp.divmod(rest, s.stop - s.start)
+  for axis in reversed(range(len(plan.spatial))):  # row-major in the crop
+    rest, q = jnp.divmod(rest, length[axis])
     within.insert(0, q)
   flats = []
-  for crop in (x_crop, y_crop):
+  for start in (x_start, y_start):
     flat, inside = jnp.where(here, image, 0), here
-    for q, s, size, (before, _) in zip(within, crop, plan.spatial, plan.pads):
-      src = _source_index(q + s.start, size, before, plan.mode)
+    for axis, (size, (before, _)) in enumerate(zip(plan.spatial, plan.pads)):
+      src = _source_index(within[axis] + start[axis], size, before, plan.mode)
       flat, inside = flat * size + jnp.maximum(src, 0), inside & (src >= 0)
     flats.append(jnp.where(inside, flat, -1))
   return flats[0], flats[1], here
@@ -521,45 +609,44 @@ def _locate(
 
 def _count_sample(
     tables: jax.Array, inputs: jax.Array, key: jax.Array, plan: _Plan,
-    ranges: _Ranges, cells: _Cells, rows: list[int], first: jax.Array,
+    ranges: _Ranges, cells: _Cells, rows: list[int], first: Any,
 ) -> jax.Array:
-  """Counts `plan.subsample` i.i.d. uniform pairs of each of the given rows.
+  """Counts `plan.subsample` i.i.d. uniform pairs of each given group row.
 
   Pairs are drawn with replacement (a permutation of millions of positions
   would cost more than the counting it saves) over the whole batch, the same
   draw on every device; each device counts the pairs of its own images.
   """
   m, c = plan.subsample, inputs.shape[-1]
-  live = [plan.live[cells.rows[row]] for row in rows]
   # One draw for all rows: each threefry call costs compile time.
-  counts = jnp.asarray([plan.pairs(j) for j in live])[:, None]
-  positions = jax.random.randint(key, (len(rows), m), 0, counts)
-  located = [_locate(p, j, plan, first, inputs.shape[0])
-             for p, j in zip(positions, live)]
-  where_x, where_y, here = (jnp.stack(a) for a in zip(*located))  # (S, m)
+  pairs = [plan.pairs(plan.live[cells.start + r]) for r in rows]
+  positions = jax.random.randint(
+      key, (len(rows), m), 0, jnp.asarray(pairs)[:, None])
   flat_rows = inputs.reshape(-1, c)
   step = int(min(m, max(1, _CHUNK_ELEMENTS // c)))
+  schedule = _Schedule(tuple(rows), -(-m // step))
 
   def pixels(flat):
     vals = jnp.take(flat_rows, jnp.maximum(flat, 0), axis=0, mode="clip")
     return jnp.where((flat >= 0)[:, None], vals.astype(jnp.float32), 0.0)
 
   def sample_ids(i):
-    start = i * step
-    shifted = jnp.minimum(start, m - step)
-    fresh = shifted + jnp.arange(step) >= start
-    cut = lambda a: jax.lax.dynamic_slice_in_dim(a, shifted, step, axis=1)
-    wx, wy, ok = cut(where_x), cut(where_y), cut(here) & fresh
+    block, steps = schedule.at(i)
+    shifted = jnp.minimum(block * step, m - step)
+    fresh = (shifted + jnp.arange(step) >= block * step)[:, None]
     ids = []
-    for s, row in enumerate(rows):
-      xs, ys = pixels(wx[s]), pixels(wy[s])
-      keep = ok[s][:, None]
+    for slot, row in steps:
+      pos = jax.lax.dynamic_slice_in_dim(positions[slot], shifted, step)
+      where_x, where_y, here = _locate(
+          pos, cells.start + row, plan, first, inputs.shape[0])
+      xs, ys = pixels(where_x), pixels(where_y)
+      keep = fresh & here[:, None]
       if plan.diagonal_removal:
         keep = keep & (xs != 0) & (ys != 0)
       ids.append(_cell_ids(cells, ranges, row, xs, ys, keep))
     return ids
 
-  return _pipelined_counts(tables, -(-m // step), sample_ids, cells.spare())
+  return _pipelined_counts(tables, schedule.num, sample_ids, cells.spare())
 
 
 def _count_group(
@@ -567,8 +654,8 @@ def _count_group(
     cells: _Cells, axes: tuple[str, ...],
 ) -> jax.Array:
   """Joint histograms of one group of displacements: (G, C, buf, buf)."""
-  rows = range(len(cells.rows))
-  sampled = [r for r in rows if plan.sampled(plan.live[cells.rows[r]])]
+  rows = range(cells.rows)
+  sampled = [r for r in rows if plan.sampled(plan.live[cells.start + r])]
   full = [r for r in rows if r not in sampled]
   tables = jnp.zeros((cells.size + cells.channels,), jnp.int32)
   if full:
@@ -579,9 +666,9 @@ def _count_group(
                            first)
   # The tables, not the maps, cross devices.
   tables = _all_reduce(tables[:cells.size], jax.lax.psum, axes)
-  joint = tables.reshape(len(cells.rows), cells.channels, cells.stride)
+  joint = tables.reshape(cells.rows, cells.channels, cells.stride)
   joint = joint[..., :cells.buf * cells.buf]
-  return joint.reshape(len(cells.rows), cells.channels, cells.buf, cells.buf)
+  return joint.reshape(cells.rows, cells.channels, cells.buf, cells.buf)
 
 
 def _entropy_bits(counts: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -640,7 +727,7 @@ def _estimate(
     inputs: jax.Array, k: jax.Array, key_data: jax.Array | None, *,
     plan: _Plan, key_impl: str | None, axes: tuple[str, ...],
 ) -> jax.Array:
-  """Steps 2-7 of the refresh on this device's share of the batch.
+  """The dependence matrix, from this device's share of the batch.
 
   `axes` are the mesh axes the batch is split over (empty on one device):
   statistics are combined over them wherever they are reduced.
@@ -692,6 +779,14 @@ def _replicated_result(plan, key_impl, mesh, arg_shapes, result_shape):
   return NamedSharding(mesh, P())
 
 
+_estimate_jit = jax.jit(_estimate, static_argnames=("plan", "key_impl", "axes"))
+
+
+def _unpartitioned(inputs, k, key_data, plan, key_impl):
+  return _estimate_jit(inputs, k, key_data, plan=plan, key_impl=key_impl,
+                       axes=())
+
+
 @functools.cache
 def _partitioned(input_rank: int, with_key: bool) -> Callable[..., jax.Array]:
   """The estimator, partitioned over a batch-sharded input by XLA.
@@ -700,11 +795,7 @@ def _partitioned(input_rank: int, with_key: bool) -> Callable[..., jax.Array]:
   custom partitioning lets the partitioner report it and take `_partition`'s
   per-device lowering. Unsharded, it runs the estimator as is.
   """
-  def estimate(inputs, k, key_data, plan, key_impl):
-    return jax.jit(_estimate, static_argnames=("plan", "key_impl", "axes"))(
-        inputs, k, key_data, plan=plan, key_impl=key_impl, axes=())
-
-  fn = custom_partitioning(estimate, static_argnums=(3, 4))
+  fn = custom_partitioning(_unpartitioned, static_argnums=(3, 4))
   dims = " ".join(f"i{a}" for a in range(input_rank))
   out = " ".join(f"o{a}" for a in range(input_rank - 2))
   rule = f"{dims}, {', k0' if with_key else ''} -> {out}"
@@ -756,10 +847,13 @@ def _concrete_k(k: Any) -> float:
         "it as a static argument, e.g. jax.jit(refresh_scalings, "
         "static_argnames=('k', 'diagonal_removal'))."
     )
-  try:
-    value = float(k)
-  except (TypeError, ValueError):
-    raise ValueError(f"k must be a positive number, got {k!r}.") from None
+  dtype = getattr(k, "dtype", None)
+  number = isinstance(k, numbers.Real) or (
+      dtype is not None and np.ndim(k) == 0
+      and jnp.issubdtype(dtype, jnp.number))
+  if isinstance(k, (bool, np.bool_)) or not number:
+    raise ValueError(f"k must be a positive number, got {k!r}.")
+  value = float(k)
   if not value > 0:  # NaN included
     raise ValueError(f"k must be positive, got {k!r}.")
   return value
@@ -824,13 +918,13 @@ def _check_subsample(subsample: Any, key: Any) -> None:
 
 
 def _split_key(key: jax.Array | None) -> tuple[jax.Array | None, str | None]:
-  """Raw key bits and the PRNG implementation, for a typed or a raw key."""
+  """Raw key bits and the PRNG implementation's name, for any key."""
   if key is None:
     return None, None
   key = jnp.asarray(key)
-  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key), jax.random.key_impl(key)
-  return key, None
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)  # a raw key: the default PRNG
+  return jax.random.key_data(key), jax.random.key_impl(key)
 
 
 def spatial_dependence(

@@ -104,7 +104,7 @@ def _pads_from_sequence(padding: Sequence[Any], n: int) -> Pads:
     )
   pads = []
   for entry in padding:
-    if isinstance(entry, Sequence) and not isinstance(entry, str):
+    if isinstance(entry, (Sequence, np.ndarray)) and not isinstance(entry, str):
       lo, hi = as_sizes(entry, 2, "each (lo, hi) padding pair")
     else:
       lo = hi = _as_int(entry, "padding")

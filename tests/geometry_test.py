@@ -63,7 +63,7 @@ def test_lax_strings_pad_as_lax_does(padding, geometry):
       strides=strides, dilation=dilation,
   )
   assert mode == "zeros"
-  assert all(type(p) is int for pair in pads for p in pair)  # pylint: disable=unidiomatic-typecheck
+  assert all(isinstance(p, int) for pair in pads for p in pair)
   want = _lax_conv(x, w, strides, padding.upper(), dilation)
   got = _lax_conv(x, w, strides, pads, dilation)
   np.testing.assert_array_equal(got, want)
@@ -157,7 +157,7 @@ def test_as_sizes_and_dilated_kernel():
   assert _geometry.as_sizes(3, 2, "k") == (3, 3)
   assert _geometry.as_sizes(np.int32(2), 3, "k") == (2, 2, 2)
   sizes = _geometry.as_sizes((np.int64(3), 5), 2, "k")
-  assert sizes == (3, 5) and all(type(s) is int for s in sizes)  # pylint: disable=unidiomatic-typecheck
+  assert sizes == (3, 5) and not any(isinstance(s, np.integer) for s in sizes)
   assert _geometry.as_sizes(np.array([1, 7]), 2, "k") == (1, 7)
   assert _geometry.dilated_kernel((3, 1, 5), (2, 3, 1)) == (5, 1, 5)
 
