@@ -604,3 +604,7 @@ def test_speed_benchmark_tiny_run(tmp_path):
   assert all(c["speedup_wall"] > 0 for c in summary["curve"])
   for layer in written["layers"]:
     assert set(layer["wall_s"]) == {"official", "jit", "jit[128]"}
+  large = {r["name"]: r for r in written["large_windows"]}
+  assert large["13x13"]["offsets"] == 84 and large["31-tap"]["offsets"] == 15
+  assert all(r["wall_s"]["large"] > 0 and r["temp_bytes"] > 0
+             for r in large.values())
