@@ -42,6 +42,7 @@ import numbers
 from typing import Any, NamedTuple
 
 import jax
+from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -253,7 +254,9 @@ class _Schedule(NamedTuple):
   A few rows are unrolled: every step handles all of them on one block, with
   exact static crops. Many rows (a large window) would unroll into a program
   whose compile time grows with the window, so each step handles one row of
-  one block instead, with a traced row number.
+  one block instead, with a traced row number; rows are outermost, so that
+  one row's tables stay in cache while the blocks stream past. Step `num`
+  (one past the end) gets block `blocks`, which is entirely masked out.
   """
 
   rows: tuple[int, ...]
@@ -271,8 +274,9 @@ class _Schedule(NamedTuple):
     """Block of step `i` and its (position in `rows`, row) pairs."""
     if self.unrolled:
       return i, list(enumerate(self.rows))
-    slot = i % len(self.rows)
-    return i // len(self.rows), [(slot, _take(self.rows, slot))]
+    slot = jnp.minimum(i // self.blocks, len(self.rows) - 1)
+    block = jnp.where(i < self.num, i % self.blocks, self.blocks)
+    return block, [(slot, _take(self.rows, slot))]
 
 
 def _row_pairs(
@@ -807,11 +811,34 @@ def _partitioned(input_rank: int, with_key: bool) -> Callable[..., jax.Array]:
   return fn
 
 
+def _one_by_one(call: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """`call`, which `jax.vmap` maps over the mapped arguments in turn.
+
+  Custom partitioning has no batching rule; stacked inputs (one per layer of
+  a scanned model) are estimated one after another, which also keeps one set
+  of count tables alive at a time.
+  """
+  mapped = custom_vmap(call)
+
+  @mapped.def_vmap
+  def rule(axis_size, in_batched, *args):
+    del axis_size
+
+    def one(example):
+      return mapped(*[e if b else a
+                      for a, e, b in zip(args, example, in_batched)])
+
+    return jax.lax.map(one, [a if b else None
+                             for a, b in zip(args, in_batched)]), True
+
+  return mapped
+
+
 @functools.partial(jax.jit, static_argnames=("plan", "key_impl"))
 def _run(inputs, k, key_data, plan, key_impl):
   # A jit around the partitioned call, so eager calls compile once per plan.
   estimator = _partitioned(inputs.ndim, key_data is not None)
-  call = lambda *args: estimator(*args, plan, key_impl)
+  call = _one_by_one(lambda *args: estimator(*args, plan, key_impl))
   mesh = jax.typeof(inputs).sharding.mesh
   if jax.sharding.AxisType.Explicit in mesh.axis_types:
     # Explicit axes would put the sharding in the estimator's types, which a

@@ -371,6 +371,21 @@ def test_numpy_integer_sizes_are_accepted():
                   _golden(x, **golden_kwargs))
 
 
+def test_vmap_over_stacked_layers():
+  # Inputs of a scanned model's layers, stacked: one matrix per layer, each
+  # as if computed alone; mapped keys draw their own samples.
+  x = np.stack([_relu_blur((4, 6, 7, 2), s) for s in (23, 24)])
+  stacked = jax.vmap(lambda v: spatial_dependence(v, (3, 3)))(x)
+  for layer, got in zip(x, stacked):
+    _assert_matches(got, _golden(layer))
+  keys = jax.random.split(jax.random.key(0), 2)
+  sampled = jax.vmap(
+      lambda v, key: spatial_dependence(v, subsample=16, key=key))(x, keys)
+  for layer, key, got in zip(x, keys, sampled):
+    np.testing.assert_array_equal(
+        got, spatial_dependence(layer, subsample=16, key=key))
+
+
 def test_dependence_to_scaling():
   d = jnp.asarray([[0.5, 0.25, 0.5], [0.25, 1.0, 0.25], [0.5, 0.25, 0.5]])
   s = dependence_to_scaling(d)
@@ -477,8 +492,11 @@ def _golden_sampled(x, key, m, diagonal_removal=False):
   return _channel_mean(per_channel)
 
 
-@pytest.mark.parametrize("removal", [False, True])
-def test_subsample_counts_the_drawn_pairs(removal):
+@pytest.mark.parametrize("removal, looped",
+                         [(False, False), (True, False), (True, True)])
+def test_subsample_counts_the_drawn_pairs(removal, looped, monkeypatch):
+  if looped:  # as for a large window: a loop over the displacements
+    monkeypatch.setattr(_dependence, "_UNROLLED_ROWS", 0)
   x = _relu_blur((64, 12, 12, 2), 11)
   sample = 2048
   assert 4 * sample < 64 * 13 * 13  # so every displacement is really sampled
