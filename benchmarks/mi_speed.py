@@ -38,6 +38,7 @@ Run from the repository root::
 
   python -m benchmarks.mi_speed --out results/mi_speed.json
   python -m benchmarks.mi_speed --tiny     # a seconds-long smoke run
+  python -m benchmarks.mi_speed --large-windows-only  # 13x13 and 31-tap
 """
 
 from __future__ import annotations
@@ -377,36 +378,7 @@ def _print_layer(r: dict, subsamples: Sequence[int]) -> None:
   print(text, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--tiny", action="store_true",
-                      help="two small layers, 16 images, one repeat")
-  parser.add_argument("--out", default="results/mi_speed.json",
-                      help="JSON output path")
-  parser.add_argument("--n-images", type=int, default=None)
-  parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--subsample", type=int, nargs="*", default=None)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--skip-large-windows", action="store_true",
-                      help="do not time the 13x13 and 31-tap windows")
-  args = parser.parse_args(argv)
-  layers_spec = TINY_CONV_INPUTS if args.tiny else VGG11_CONV_INPUTS
-  n = args.n_images or (16 if args.tiny else 2560)
-  repeats = args.repeats or (1 if args.tiny else 3)
-  subsamples = tuple(args.subsample if args.subsample is not None else
-                     ((128,) if args.tiny else DEFAULT_SUBSAMPLES))
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
-        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
-        f"N={n}, repeats={repeats}, subsample sizes {list(subsamples)}",
-        flush=True)
-  load_before = os.getloadavg()
-  start = time.perf_counter()
-  layers = []
-  for i, (channels, size) in enumerate(layers_spec):
-    layers.append(run_layer(i, channels, size, n, subsamples, repeats,
-                            args.seed))
-    _print_layer(layers[-1], subsamples)
-  summary = summarize(layers, subsamples)
+def _print_summary(summary: dict, num_layers: int) -> None:
   tw, tc = summary["total_wall_s"], summary["total_cpu_s"]
   print(f"total: official {tw['official']:.2f}s wall / {tc['official']:.2f}s"
         f" cpu; jit {tw['jit']:.2f}s / {tc['jit']:.2f}s -> speed-up"
@@ -426,9 +398,52 @@ def main(argv: Sequence[str] | None = None) -> dict:
         + ("met" if summary["stretch_goal_met"] else "NOT met")
         + (f" (best within tolerance: {best['variant']},"
            f" x{best['speedup_wall']:.1f})" if best else ""))
-  print(f"compile, full refresh ({len(layers)} conv inputs,"
+  print(f"compile, full refresh ({num_layers} conv inputs,"
         f" {summary['compile_distinct_shapes']} distinct shapes):"
         f" {summary['compile_s_full_refresh']:.1f}s")
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tiny", action="store_true",
+                      help="two small layers, 16 images, one repeat")
+  parser.add_argument("--out", default="results/mi_speed.json",
+                      help="JSON output path")
+  parser.add_argument("--n-images", type=int, default=None)
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--subsample", type=int, nargs="*", default=None)
+  parser.add_argument("--seed", type=int, default=0)
+  which = parser.add_mutually_exclusive_group()
+  which.add_argument("--skip-large-windows", action="store_true",
+                     help="do not time the 13x13 and 31-tap windows")
+  which.add_argument("--large-windows-only", action="store_true",
+                     help="time only the 13x13 and 31-tap windows")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  args = _parse(argv)
+  layers_spec = TINY_CONV_INPUTS if args.tiny else VGG11_CONV_INPUTS
+  if args.large_windows_only:
+    layers_spec = ()
+  n = args.n_images or (16 if args.tiny else 2560)
+  repeats = args.repeats or (1 if args.tiny else 3)
+  subsamples = tuple(args.subsample if args.subsample is not None else
+                     ((128,) if args.tiny else DEFAULT_SUBSAMPLES))
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+        f"N={n}, repeats={repeats}, subsample sizes {list(subsamples)}",
+        flush=True)
+  load_before = os.getloadavg()
+  start = time.perf_counter()
+  layers, summary = [], None
+  for i, (channels, size) in enumerate(layers_spec):
+    layers.append(run_layer(i, channels, size, n, subsamples, repeats,
+                            args.seed))
+    _print_layer(layers[-1], subsamples)
+  if layers:
+    summary = summarize(layers, subsamples)
+    _print_summary(summary, len(layers))
   large = []
   if not args.skip_large_windows:
     for name, shape, window in (TINY_LARGE_WINDOWS if args.tiny

@@ -69,7 +69,7 @@ _CHUNK_ELEMENTS = 1 << 15
 _GROUP_CELLS = 1 << 24
 # Windows with more displacements than this are counted in a loop over them
 # rather than unrolled, so that compile time stays flat as windows grow.
-_UNROLLED_ROWS = 16
+_UNROLLED_ROWS = 8
 
 
 class _Plan(NamedTuple):
