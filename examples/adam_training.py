@@ -11,10 +11,13 @@ so that the kernels' mean learning rate stays ``adamw``'s and the comparison
 is at equal step size (unnormalised, SGS after Adam would multiply the
 learning rate of each kernel by 5/3 on average, up to 3 at the centre).
 
-Expected output (default mode, 2 CPU cores, about half a minute; on the digits
-the three are within seed noise of each other)::
+Expected output (default mode, 10 epochs, about 20 s on 2 CPU cores). SGS
+before Adam ends where ``adamw`` does, as said; the recommended chain learns
+as well as ``adamw``, and the digits are too easy for it to do better::
 
-  EXPECTED
+  adamw               test accuracy 0.975
+  sgs(acb)+adamw      test accuracy 0.975
+  cdg+adamw+sgs(acb)  test accuracy 0.975
 """
 
 from __future__ import annotations

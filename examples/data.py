@@ -61,7 +61,7 @@ def batches(num_examples: int, batch_size: int,
 
 
 def parser(doc: str, *, epochs: int) -> argparse.ArgumentParser:
-  """A parser with ``--epochs``, ``--seed`` and ``--tiny``; ``doc`` describes it."""
+  """A parser with ``--epochs``, ``--seed`` and ``--tiny``, for ``doc``."""
   parser = argparse.ArgumentParser(description=doc.split("\n")[0])
   parser.add_argument("--epochs", type=int, default=epochs)
   parser.add_argument("--seed", type=int, default=0)

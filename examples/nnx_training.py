@@ -7,10 +7,13 @@ inputs of two training batches are captured (``capture_conv_inputs`` runs an
 ``eval()`` copy of the model, so BatchNorm uses its running statistics) and
 the SGS matrices inside the optimizer's state are refreshed in place.
 
-Expected output (default mode, 2 CPU cores, about a minute; the digits are
-too easy for the two to differ by more than seed noise)::
+Expected output (default mode, 10 epochs, about 20 s on 2 CPU cores; the
+digits are too easy for the two to differ by more than seed noise)::
 
-  EXPECTED
+  sgd                 test accuracy 0.978
+  cdg+sgs (learned)   test accuracy 0.975
+  conv1 SGS matrix: [[0.37 1.03 0.44] [0.96 3.40 0.96] [0.44 1.03 0.37]]
+  conv2 SGS matrix: [[0.40 1.12 0.38] [0.71 3.77 0.71] [0.38 1.12 0.40]]
 """
 
 from __future__ import annotations
@@ -98,8 +101,8 @@ def main(argv=None) -> dict[str, tuple[float, nnx.Optimizer]]:
       nnx.as_pure(results["cdg+sgs (learned)"][1].opt_state))
   for name in ("conv1", "conv2"):
     matrix = np.asarray(scalings[name]["kernel"])
-    print(f"{name} SGS matrix: {np.array2string(matrix, precision=2)}"
-          .replace("\n", ""))
+    row = np.array2string(matrix, formatter={"float_kind": "{:.2f}".format})
+    print(f"{name} SGS matrix: {row}".replace("\n", ""))
   return results
 
 

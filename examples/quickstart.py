@@ -6,13 +6,16 @@ Run: python -m examples.quickstart [--epochs 20] [--seed 0] [--tiny]
 ``[[1, 2, 1], [2, 3, 2], [1, 2, 1]]``: training the conv so is exactly
 training ACB's 3x3 + 1x3 + 3x1 branches and merging them, without the
 branches. The baseline is the same chain without SGS, at the same learning
-rate, as the paper compares them; the matrix has mean 5/3, so the conv
-kernels take larger steps with SGS, as the branched network's do.
+rate. The ACB matrix has mean 5/3, so with SGS the conv kernels take larger
+steps on average, exactly as the branched network's do: that is part of what
+the branches change.
 
-Expected output (default mode, 2 CPU cores, about half a minute; the digits
-are too easy for the two to differ by more than seed noise)::
+Expected output (default mode, 20 epochs, about 15 s on 2 CPU cores; the
+digits are too easy for the two to differ by more than seed noise, see
+``python -m benchmarks.compare`` for a comparison over seeds)::
 
-  EXPECTED
+  sgd           test accuracy 0.975
+  sgs(acb)+sgd  test accuracy 0.969
 """
 
 from __future__ import annotations
