@@ -189,7 +189,7 @@ def _dependence_of(records: Sequence[ConvInput], size, *, k,
     d = _dependence.spatial_dependence(
         record.inputs, size, padding=record.padding, k=k,
         diagonal_removal=diagonal_removal,
-        dilation=record.dilation or (1,) * len(size),
+        dilation=record.dilation or 1,
         padding_mode=record.padding_mode)
     pixels = int(np.prod(np.shape(record.inputs)[:-1]))
     total, weight = total + pixels * d, weight + pixels
@@ -210,7 +210,7 @@ def _new_matrix(name: str, matrix: jax.Array, info: _spatial.KernelInfo,
           for layer in range(info.layers)])
   except ValueError as e:
     raise ValueError(f"Layer {name!r}: {e}") from None
-  new = _dependence.dependence_to_scaling(dependence)
+  new = _dependence.dependence_to_scaling(dependence, ndim=len(info.size))
   if matrix.ndim > new.ndim:  # One matrix per output channel.
     new = jnp.broadcast_to(new[..., None], matrix.shape)
   # A NaN (e.g. every channel constant) keeps that layer's previous matrix.
