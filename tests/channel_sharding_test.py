@@ -9,9 +9,7 @@ below assert on those records. References are dense numpy solves
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -23,6 +21,7 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from _devices import run_on_devices
 from channel_test import apply_along
 from channel_test import dense_inverse_metric
 from benchmarks import cdg_sharding
@@ -228,12 +227,7 @@ def worker(path):
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
   path = tmp_path_factory.mktemp("cdg_sharding") / "records.json"
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  result = subprocess.run(
-      [sys.executable, __file__, str(path)], env=env, capture_output=True,
-      text=True, timeout=600)
-  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  run_on_devices(__file__, str(path))
   return json.loads(path.read_text())
 
 

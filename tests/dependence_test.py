@@ -11,9 +11,6 @@ explicit), with entropies in bits. It works for any number of spatial axes.
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -21,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _devices import run_on_devices
 from sgs_optax import _dependence
 from sgs_optax._dependence import dependence_to_scaling
 from sgs_optax._dependence import spatial_dependence
@@ -586,19 +584,7 @@ SHARDED_SCRIPT = textwrap.dedent(
 def test_batch_sharded_inputs_are_counted_where_they_are(tmp_path):
   script = tmp_path / "sharded.py"
   script.write_text(SHARDED_SCRIPT)
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (
-      env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  ).strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run(
-      [sys.executable, str(script)], env=env, capture_output=True, text=True,
-      timeout=600, check=False,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.splitlines()[-1])
+  out = json.loads(run_on_devices(str(script)).stdout.splitlines()[-1])
   assert out["checked"] == 8
   # Integer tables and exact extrema are reduced: the same matrix.
   assert out["max_diff"] < 1e-6 and out["eager_diff"] < 1e-6

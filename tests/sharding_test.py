@@ -16,15 +16,12 @@ and writes one JSON record per check; the tests below assert on them:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -33,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sgs_optax
+from _devices import run_on_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
@@ -160,13 +158,7 @@ def worker(path):
 def records(tmp_path_factory):
   directory = tmp_path_factory.mktemp("sharding")
   path = directory / "records.json"
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-             SHARDING_TEST_DIR=str(directory),
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  result = subprocess.run(
-      [sys.executable, __file__, str(path)], env=env, capture_output=True,
-      text=True, timeout=600)
-  assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+  run_on_devices(__file__, str(path), SHARDING_TEST_DIR=str(directory))
   return json.loads(path.read_text())
 
 
