@@ -10,6 +10,7 @@ import importlib
 
 from sgs_optax._branches import branch_scaling
 from sgs_optax._branches import merge_branches
+from sgs_optax._branches import preset_branches
 from sgs_optax._capture import capture_conv_inputs
 from sgs_optax._channel import cdg
 from sgs_optax._channel import channel_directed_gradients

@@ -154,18 +154,49 @@ def _check_matrix(name: str, matrix: Any) -> None:
     )
 
 
-def _check_fits(name: str, matrix: Any, kernel: Any, layout: str) -> None:
-  info = KernelInfo.of(kernel, layout)
-  channels = _kernels.output_channels(kernel, layout)
-  shapes = [info.size, (*info.size, channels)]
-  if info.layers is not None:
-    shapes += [(info.layers, *shape) for shape in shapes]
-  if tuple(np.shape(matrix)) not in shapes:
+def _readings(info: KernelInfo, channels: int) -> list[tuple[tuple, str]]:
+  """Every shape a matrix may take for a kernel, with what it then means."""
+  size, layers = info.size, info.layers
+  out = [(size, f"its {len(size)}-D matrix"),
+         ((*size, channels), "one matrix per output channel")]
+  if layers is not None:
+    out += [((layers, *size), "one matrix per stacked layer"),
+            ((layers, *size, channels),
+             "one matrix per stacked layer and output channel")]
+  return out
+
+
+def _reading(name: str, shape: tuple[int, ...], info: KernelInfo,
+             channels: int) -> str | None:
+  """How a matrix of ``shape`` is read for a kernel, or None if it fits not.
+
+  Raises:
+    ValueError: if the shape fits the kernel in two ways.
+  """
+  fits = [meaning for s, meaning in _readings(info, channels)
+          if s == tuple(shape)]
+  if len(fits) > 1:
     raise ValueError(
-        f"scaling of shape {np.shape(matrix)} does not fit {name} with "
-        f"kernel size {info.size}, {channels} output channels and "
-        f"{info.layers or 'no'} stacked layers."
+        f"scaling of shape {tuple(shape)} is ambiguous for {name} (kernel "
+        f"size {info.size}, {channels} output channels, {info.layers} "
+        f"stacked layers): it could be {' or '.join(fits)}. Pass the "
+        "matrix with every axis, (layers, *size, C_out)."
     )
+  return fits[0] if fits else None
+
+
+def _fit_error(name: str, shape: tuple[int, ...], info: KernelInfo,
+               channels: int) -> ValueError:
+  return ValueError(
+      f"scaling of shape {tuple(shape)} does not fit {name} with kernel "
+      f"size {info.size}, {channels} output channels and "
+      f"{info.layers or 'no'} stacked layers."
+  )
+
+
+def _kernel_facts(kernel: Any, layout: str) -> tuple[KernelInfo, int]:
+  return (KernelInfo.of(kernel, layout),
+          _kernels.output_channels(kernel, layout))
 
 
 class _Spec(NamedTuple):
@@ -183,15 +214,28 @@ def _could_be_a_kernel(x: Any) -> bool:
           and jnp.issubdtype(x.dtype, jnp.floating))
 
 
-def _skip(spec: _Spec, name: str, reason: str) -> None:
+def _skip(spec: _Spec, name: str, reason: str) -> tuple[None, str]:
   if spec.strict:
     raise ValueError(f"sgs(strict=True): {name} is not scaled: {reason}.")
-  return None
+  return None, reason
+
+
+def _preset_matrix(spec: _Spec, name: str, size: tuple[int, ...]):
+  """A preset's (or the learned mode's all-ones) starting matrix."""
+  if any(s % 2 == 0 for s in size):
+    return _skip(spec, name, f"its kernel size {size} is even")
+  if spec.scaling is None:
+    return np.ones(size), None
+  reason = _branches.preset_skip_reason(spec.scaling, size)
+  if reason is not None:
+    return _skip(spec, name, reason)
+  branches, dilations = _branches.preset_branches(spec.scaling, size)
+  return _branches.branch_scaling(size, branches, dilations=dilations), None
 
 
 def _starting_matrix(spec: _Spec, name: str, kernel: Any, layout: Any,
-                     given: Any) -> Any:
-  """The matrix a kernel starts with, or None to leave it untouched."""
+                     given: Any) -> tuple[Any, str | None]:
+  """The matrix an eligible kernel starts with, or None and why not."""
   reason = _kernels.sgs_skip_reason(kernel, layout)
   if reason is not None:
     if given is not None and not spec.single_array:
@@ -205,35 +249,31 @@ def _starting_matrix(spec: _Spec, name: str, kernel: Any, layout: Any,
           "a 1-D conv, 'LHWIO' for stacked layers, 'DHWIO' for a 3-D conv) "
           "or None to skip it."
       )
-    return None
+    return None, None
   size = _kernels.spatial_shape(kernel, layout)
   if spec.single_array:
-    if tuple(np.shape(given)[:len(size)]) != size:
+    if given is None:
       return _skip(spec, name, f"no {size} matrix was given")
-    _check_fits(name, given, kernel, layout)
-    return given
+    return given, None
   if spec.scaling is None or isinstance(spec.scaling, str):
-    if any(s % 2 == 0 for s in size):
-      return _skip(spec, name, f"its kernel size {size} is even")
-    if spec.scaling is None:
-      return np.ones(size)
-    branches = _branches.preset_branches(spec.scaling, size)
-    return _branches.branch_scaling(size, branches)
+    return _preset_matrix(spec, name, size)
   if given is None:
     return _skip(spec, name, "the scaling pytree holds None there")
   _check_matrix(name, given)
-  _check_fits(name, given, kernel, layout)
-  return given
+  info, channels = _kernel_facts(kernel, layout)
+  if _reading(name, np.shape(given), info, channels) is None:
+    raise _fit_error(name, np.shape(given), info, channels)
+  return given, None
 
 
 def _as_state_matrix(name: str, matrix: Any, kernel: Any, layout: str,
                      normalize: bool) -> jax.Array:
   """The matrix in the state's dtype, normalised, one per stacked layer."""
-  info = KernelInfo.of(kernel, layout)
+  info, channels = _kernel_facts(kernel, layout)
   dtype = jnp.promote_types(jnp.float32, kernel.dtype)
+  reading = _reading(name, np.shape(matrix), info, channels)
   matrix = jnp.asarray(matrix, dtype)
-  lead = int(info.layers is not None and np.shape(matrix)[:len(info.size) + 1]
-             == (info.layers, *info.size))
+  lead = int("stacked" in reading)
   if normalize:
     spatial = tuple(range(lead, lead + len(info.size)))
     mean = jnp.mean(matrix, axis=spatial, keepdims=True)
@@ -248,11 +288,65 @@ def _as_state_matrix(name: str, matrix: Any, kernel: Any, layout: str,
   return matrix
 
 
+def _is_size_prefix(shape: tuple[int, ...], info: KernelInfo) -> bool:
+  """Whether ``shape`` starts with the kernel's size (a mistyped fit)."""
+  n = len(info.size)
+  return shape[:n] == info.size or (
+      info.layers is not None and shape[:n + 1] == (info.layers, *info.size))
+
+
+def _single_array_targets(shape: tuple[int, ...], params: Any,
+                          layouts: Any) -> set[str]:
+  """The kernels one given array is for, resolved by their spatial rank.
+
+  Each eligible kernel reads the array by its own rank and stack (see
+  :func:`_readings`); the array must mean the same for every kernel it fits.
+
+  Raises:
+    ValueError: if the array fits kernels with different meanings (e.g. a
+      (3, 3) array: a 3x3 2-D kernel's matrix, and one matrix per output
+      channel of a 3-tap 1-D kernel with 3 output channels), fits a kernel in
+      two ways, fits no kernel, or starts with the size of a kernel of the
+      rank it is for but misfits it (e.g. a wrong channel count).
+  """
+  fits, near = {}, {}
+
+  def find(name, layout, kernel):
+    if _kernels.sgs_skip_reason(kernel, layout) is None:
+      info, channels = _kernel_facts(kernel, layout)
+      reading = _reading(name, shape, info, channels)
+      if reading is not None:
+        fits[name] = (len(info.size), reading)
+      elif _is_size_prefix(shape, info):
+        near[name] = (len(info.size), _fit_error(name, shape, info, channels))
+
+  _kernels.map_layouts(find, layouts, params)
+  meanings = {meaning: name for name, meaning in fits.items()}
+  if len(meanings) > 1:
+    which = "; ".join(f"{name} ({rank}-D kernel) as {reading}"
+                      for (rank, reading), name in sorted(meanings.items()))
+    raise ValueError(
+        f"scaling of shape {shape} is ambiguous: it fits {which}. Pass a "
+        "params-shaped pytree with a matrix (or None) per kernel instead."
+    )
+  ranks = {rank for rank, _ in meanings}
+  for rank, error in near.values():
+    if not ranks or rank in ranks:
+      raise error
+  if not fits:
+    raise ValueError(
+        f"scaling of shape {shape} does not fit any selected conv kernel of "
+        "the params."
+    )
+  return set(fits)
+
+
 def _given_tree(spec: _Spec, params: Any, layouts: Any) -> Any:
   """A params-shaped tree of the user's matrices (None where none given)."""
   if spec.single_array:
-    return jax.tree.map(lambda layout: None if layout is None else
-                        spec.scaling, layouts, is_leaf=_kernels.is_layout_leaf)
+    targets = _single_array_targets(np.shape(spec.scaling), params, layouts)
+    return _kernels.map_layouts(
+        lambda name, _: spec.scaling if name in targets else None, layouts)
   if spec.scaling is None or isinstance(spec.scaling, str):
     return jax.tree.map(lambda _: None, layouts,
                         is_leaf=_kernels.is_layout_leaf)
@@ -265,6 +359,24 @@ def _given_tree(spec: _Spec, params: Any, layouts: Any) -> Any:
   # Masked-out leaves take no matrix, whatever the user's tree holds there.
   return jax.tree.map(lambda x, g: None if _is_masked(x) else g, params,
                       spec.scaling, is_leaf=_is_masked)
+
+
+def _check_something_scaled(spec: _Spec, matrices: dict,
+                            skipped: dict[str, str]) -> None:
+  """A preset or the learned mode that scales no kernel at all raises."""
+  if matrices or not skipped or not (
+      spec.scaling is None or isinstance(spec.scaling, str)):
+    return
+  by_reason = {}
+  for name, why in skipped.items():
+    by_reason.setdefault(why, []).append(name)
+  reasons = "; ".join(f"{', '.join(names)}: {why}"
+                      for why, names in by_reason.items())
+  raise ValueError(
+      f"sgs({spec.scaling!r}) scales none of the conv kernels it selected "
+      f"({reasons}). Pass matrices (e.g. from branch_scaling) or another "
+      "preset, or leave these kernels out with kernel_layout or mask."
+  )
 
 
 def _scale_by_table(spec: _Spec, learned: bool,
@@ -284,19 +396,20 @@ def _scale_by_table(spec: _Spec, learned: bool,
     given = _given_tree(spec, params, layouts)
     matrices, kernels = {}, {}
 
+    skipped = {}
+
     def add(name, layout, kernel, given_matrix):
-      matrix = _starting_matrix(spec, name, kernel, layout, given_matrix)
+      matrix, reason = _starting_matrix(spec, name, kernel, layout,
+                                        given_matrix)
       if matrix is not None:
         matrices[name] = _as_state_matrix(name, matrix, kernel, layout,
                                           spec.normalize)
         kernels[name] = KernelInfo.of(kernel, layout)
+      elif reason is not None:
+        skipped[name] = reason
 
     _kernels.map_layouts(add, layouts, params, given)
-    if spec.single_array and not matrices:
-      raise ValueError(
-          f"scaling of shape {np.shape(spec.scaling)} does not fit any "
-          "selected conv kernel of the params."
-      )
+    _check_something_scaled(spec, matrices, skipped)
     structure = jax.tree.structure(params, is_leaf=_is_masked)
     return SpatialScalingState(
         ScalingTable(matrices, structure, learned, kernels))
