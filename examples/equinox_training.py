@@ -8,10 +8,11 @@ transforms get ``kernel_layout="OIHW"``. The optimizer works on
 plain-function form of ``capture_conv_inputs`` (the model is called per
 example, so the function vmaps it), keyed like that same filtered model.
 
-Expected output (default mode, 2 CPU cores, about a minute)::
+Expected output (default mode, 2 CPU cores, under a minute; the digits are
+too easy for the two to differ by more than seed noise)::
 
-  sgd                 test accuracy 0.9xx
-  cdg+sgs (learned)   test accuracy 0.9xx
+  sgd                 test accuracy 0.956
+  cdg+sgs (learned)   test accuracy 0.961
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def make_tx(method: str, lr: float) -> optax.GradientTransformation:
 
 
 def train(method: str, split: data.Split, *, epochs: int, batch_size: int,
-          seed: int) -> float:
-  """Trains one model; returns its test accuracy."""
+          seed: int) -> tuple[float, optax.OptState]:
+  """Trains one model; returns its test accuracy and optimizer state."""
   model = CNN(jax.random.key(seed))
   params, static = eqx.partition(model, eqx.is_array)
   tx = make_tx(method, 0.05)
@@ -95,24 +96,24 @@ def train(method: str, split: data.Split, *, epochs: int, batch_size: int,
                                split.y_train[idx])
   logits = batched(eqx.combine(params, static),
                    np.transpose(split.x_test, (0, 3, 1, 2)))
-  return float(jnp.mean(jnp.argmax(logits, -1) == split.y_test))
+  return float(jnp.mean(jnp.argmax(logits, -1) == split.y_test)), opt_state
 
 
-def main(argv=None) -> dict[str, float]:
+def main(argv=None) -> dict[str, tuple[float, optax.OptState]]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--epochs", type=int, default=8)
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--tiny", action="store_true",
-                      help="256 training images, 2 epochs (for tests)")
+                      help="512 training images, 3 epochs (for tests)")
   args = parser.parse_args(argv)
-  split = data.digits(seed=args.seed, train_size=256 if args.tiny else None)
-  epochs = 2 if args.tiny else args.epochs
+  split = data.digits(seed=args.seed, train_size=512 if args.tiny else None)
+  epochs = 3 if args.tiny else args.epochs
   results = {}
   for method, label in (("sgd", "sgd"), ("cdg+sgs", "cdg+sgs (learned)")):
     results[method] = train(method, split, epochs=epochs,
                             batch_size=args.batch_size, seed=args.seed)
-    print(f"{label:<20}test accuracy {results[method]:.3f}")
+    print(f"{label:<20}test accuracy {results[method][0]:.3f}")
   return results
 
 

@@ -7,6 +7,7 @@ first use, so the core only depends on jax, optax, chex and numpy.
 """
 
 import importlib
+import importlib.util
 
 from sgs_optax._branches import branch_scaling
 from sgs_optax._branches import merge_branches
@@ -29,6 +30,30 @@ from sgs_optax._spatial import SpatialScalingState
 
 __version__ = "0.1.0"
 
+__all__ = [
+    "ConvInput",
+    "KernelAxes",
+    "ScalingTable",
+    "SpatialScalingState",
+    "branch_scaling",
+    "capture_conv_inputs",
+    "cdg",
+    "channel_directed_gradients",
+    "dependence_to_scaling",
+    "get_scalings",
+    "merge_branches",
+    "parse_layout",
+    "preset_branches",
+    "refresh_scalings",
+    "resolve_layouts",
+    "sgs",
+    "spatial_dependence",
+    "spatial_gradient_scaling",
+]
+if importlib.util.find_spec("flax") is not None:
+  # `from sgs_optax import *` must work without Flax, which BranchedConv needs.
+  __all__.append("BranchedConv")
+
 # Public names whose modules import Flax.
 _FLAX_NAMES = {
     "BranchedConv": "sgs_optax._branched_conv",
@@ -48,4 +73,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-  return sorted(list(globals()) + list(_FLAX_NAMES))
+  return sorted({*__all__, *_FLAX_NAMES, "__version__"})

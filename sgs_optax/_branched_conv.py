@@ -56,7 +56,19 @@ class BranchedConv(nn.Module):
     bias_init: initializer of the bias.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, sgs_optax
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, numpy as np
+    >>> import sgs_optax
+    >>> branches = [(3, 3), (1, 3), (3, 1)]  # ACB
+    >>> conv = sgs_optax.BranchedConv(4, (3, 3), branches)
+    >>> x = jax.random.normal(jax.random.key(0), (1, 5, 5, 2))
+    >>> params = conv.init(jax.random.key(1), x)["params"]
+    >>> sorted(params)
+    ['bias', 'kernel_0', 'kernel_1', 'kernel_2']
+    >>> merged = sgs_optax.merge_branches(params, (3, 3), branches)
+    >>> y = nn.Conv(4, (3, 3)).apply({"params": merged}, x)
+    >>> bool(np.allclose(conv.apply({"params": params}, x), y, atol=1e-5))
+    True
+    >>> # A 1-D UniRepLKNet-style block: 7 taps + dilated small kernels.
     >>> branches, dilations = sgs_optax.preset_branches("unireplknet", (7,))
     >>> conv = sgs_optax.BranchedConv(4, (7,), branches, dilations=dilations)
     >>> x = jnp.ones((2, 16, 3))

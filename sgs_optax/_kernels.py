@@ -49,7 +49,13 @@ _SPATIAL_LETTERS = "DHW"
 
 
 class KernelAxes(NamedTuple):
-  """Positions of a kernel's axes, parsed from a layout string."""
+  """Positions of a kernel's axes, parsed from a layout string.
+
+  Examples:
+    >>> from sgs_optax import parse_layout
+    >>> parse_layout("LHWIO").stack, parse_layout("LHWIO").spatial
+    (0, (1, 2))
+  """
 
   spatial: tuple[int, ...]  # in layout order, e.g. (0, 1) for "HWIO".
   input: int

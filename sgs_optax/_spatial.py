@@ -56,6 +56,16 @@ class ScalingTable(Mapping):
       matrices.
     kernels: a :class:`KernelInfo` per key (spatial size, input channels,
       stacked layers), static.
+
+  Examples:
+    >>> import jax.numpy as jnp, sgs_optax
+    >>> params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4)),
+    ...                    "bias": jnp.ones(4)}}
+    >>> table = sgs_optax.sgs("repvgg").init(params).scalings
+    >>> list(table), table.learned
+    (['conv/kernel'], False)
+    >>> table["conv/kernel"][1, 1]
+    Array(2., dtype=float32)
   """
 
   def __init__(self, matrices: Mapping[str, Any], structure: Any,
@@ -125,6 +135,14 @@ class SpatialScalingState(NamedTuple):
       matrix of shape ``(kh, kw)`` (or ``(kh, kw, C_out)``; with a leading
       ``(L,)`` for stacked layers), in float32 or in the parameter's dtype
       when that is wider.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, sgs_optax
+    >>> params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}}
+    >>> state = optax.chain(sgs_optax.sgs(), optax.sgd(0.1)).init(params)
+    >>> sgs_state = optax.tree_utils.tree_get(state, "SpatialScalingState")
+    >>> sgs_state.scalings.learned, sgs_state.scalings["conv/kernel"].shape
+    (True, (3, 3))
   """
 
   scalings: ScalingTable

@@ -548,3 +548,15 @@ def test_cdg_and_sgs_commute_on_raw_gradients():
         lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
         a, b)
     assert not np.allclose(a["conv"]["kernel"], grads[0]["conv"]["kernel"])
+
+
+def test_stacked_layers_are_smoothed_layer_by_layer():
+  g = randn(7, (3, 3, 3, 2, 8))  # (L, kh, kw, I, O), as nn.scan stores it.
+  tx = cdg(smoothing=1.5, kernel_layout="LHWIO")
+  out, _ = tx.update({"k": g}, tx.init({"k": g}))
+  inverse = dense_inverse_metric(8, 1.5, "sobolev", "periodic")
+  np.testing.assert_allclose(out["k"], apply_along(inverse, g, 4), rtol=1e-5,
+                             atol=1e-6)
+  # The default layout string selects rank-4 leaves only: untouched.
+  same, _ = cdg().update({"k": g}, cdg().init({"k": g}))
+  np.testing.assert_array_equal(same["k"], g)

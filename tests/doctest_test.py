@@ -5,8 +5,12 @@ import importlib
 
 import pytest
 
-MODULES = ["sgs_optax._spatial", "sgs_optax._channel", "sgs_optax._branches",
-           "sgs_optax._dependence"]
+import pkgutil
+
+import sgs_optax
+
+MODULES = sorted(m.name for m in pkgutil.iter_modules(
+    sgs_optax.__path__, "sgs_optax."))
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -14,3 +18,4 @@ def test_docstring_examples(name):
   result = doctest.testmod(importlib.import_module(name),
                            optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.failed == 0
+  assert result.attempted > 0, f"{name} has no docstring example"

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+import sgs_optax
+
 from examples import adam_training
 from examples import nnx_training
 from examples import quickstart
@@ -33,3 +35,17 @@ def test_linen_resnet_example_tiny_prints_learned_matrices(capsys):
   assert results["refresh_count"] >= 1
   printed = capsys.readouterr().out
   assert "SGS matrix of" in printed and "test accuracy" in printed
+
+
+def test_equinox_example_tiny_learns_and_refreshes_oihw_matrices():
+  from examples import equinox_training  # pylint: disable=g-import-not-at-top
+
+  results = equinox_training.main(["--tiny"])
+  baseline, _ = results["sgd"]
+  accuracy, opt_state = results["cdg+sgs"]
+  # 512 images, 3 epochs: both well above chance (0.1) and close together.
+  assert baseline > 0.5 and accuracy > 0.5
+  assert abs(accuracy - baseline) < 0.15
+  matrix = np.asarray(sgs_optax.get_scalings(opt_state).conv1.weight)
+  assert matrix.shape == (3, 3) and not np.allclose(matrix, 1.0)
+  assert matrix[1, 1] == matrix.max()  # the centre is pinned at 1 before /mean.
