@@ -132,9 +132,9 @@ class SpatialScalingState(NamedTuple):
 
   Attributes:
     scalings: a :class:`ScalingTable`: at each scaled kernel's path, its
-      matrix of shape ``(kh, kw)`` (or ``(kh, kw, C_out)``; with a leading
-      ``(L,)`` for stacked layers), in float32 or in the parameter's dtype
-      when that is wider.
+      matrix of the kernel's spatial shape, e.g. ``(kh, kw)`` (or ``(kh, kw,
+      C_out)``; with a leading ``(L,)`` for stacked layers), in float32 or in
+      the parameter's dtype when that is wider.
 
   Examples:
     >>> import jax.numpy as jnp, optax, sgs_optax
@@ -491,14 +491,17 @@ def spatial_gradient_scaling(
     normalize: bool = False,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Multiplies each 2-D conv kernel's gradient by a per-layer spatial matrix.
+  r"""Multiplies each conv kernel's gradient by a per-layer spatial matrix.
 
-  For every eligible kernel (2-D conv, ``kh > 1`` and ``kw > 1``, the stem and
-  depthwise convs included) the gradient ``g`` becomes ``S * g`` with ``S`` of
-  shape ``(kh, kw)`` broadcast over the channel axes (or ``(kh, kw, C_out)``,
-  one matrix per output channel). Every other leaf (biases, norm scales, dense
-  kernels, 1x1, 1xK and Kx1 convs, 1-D and 3-D convs) passes through
-  bit-identical.
+  For every eligible kernel the gradient ``g`` becomes ``S * g``, with ``S``
+  of the kernel's spatial shape (``(k,)``, ``(kh, kw)`` or ``(kd, kh, kw)``)
+  broadcast over the channel axes, or with a trailing ``C_out`` axis (one
+  matrix per output channel). Eligible, the same rule for 1-D, 2-D and 3-D
+  convs: a floating-point kernel whose spatial sizes are all at least 2, the
+  stem and depthwise convs included. A size-1 axis mixes no neighbours, so
+  1x1, 1xK and Kx1 2-D kernels (never scaled in the paper), 1-tap 1-D
+  kernels and 3-D kernels such as ``(1, 3, 3)`` pass through bit-identical,
+  as do biases, norm scales and dense kernels.
 
   With ``S = branch_scaling(...)`` of a set of parallel branches, SGD on the
   merged conv is *exactly* SGD on the branched conv (plain, heavy-ball or
@@ -517,12 +520,35 @@ def spatial_gradient_scaling(
     scaling: what to multiply by.
 
       * ``None``: all ones (a no-op) until the matrices are refreshed from
-        data with :func:`sgs_optax.refresh_scalings` (odd kernels only).
-      * ``"acb"`` (KxK + 1xK + Kx1) or ``"repvgg"`` (KxK + 1x1): the exact
-        matrix of those branches, built for each kernel's own size (odd
-        kernels only).
-      * an array of shape ``(kh, kw)``, used for every eligible kernel of that
-        spatial size (other sizes are left alone), or ``(kh, kw, C_out)``.
+        data with :func:`sgs_optax.refresh_scalings` (odd sizes only).
+      * a preset: the exact matrix of a branch set, built for each kernel's
+        own (odd) size, every branch centred, unit scales:
+
+        - ``"acb"``: KxK + 1xK + Kx1 (ACNet), 2-D kernels only (in 1-D its
+          asymmetric branches are the kernel itself or one tap; in 3-D they
+          could be lines or planes: build the one you mean with
+          :func:`sgs_optax.branch_scaling`);
+        - ``"repvgg"``: the kernel + its centre tap (RepVGG's 3x3 + 1x1), any
+          rank;
+        - ``"replknet"``: the kernel + a centred 5 taps per axis (RepLKNet's
+          large kernel with a parallel 5x5), every axis at least 5;
+        - ``"unireplknet"``: the kernel + UniRepLKNet's dilated small kernels,
+          for equal sizes 5 to 17 on every axis (e.g. 13: sizes (5, 7, 3, 3,
+          3), dilations (1, 2, 3, 4, 5)); see
+          :func:`sgs_optax.preset_branches`.
+
+        The published blocks train a BatchNorm on every branch, so they match
+        these presets only with frozen unit scales: the presets are their
+        unit-scale analogues. A kernel a preset is not defined for is left
+        alone (``strict=True`` raises); a preset that scales none of the
+        selected kernels raises.
+      * an array, used for every eligible kernel it fits, read by that
+        kernel's rank: ``size`` (its matrix), ``(*size, C_out)`` (one per
+        output channel) and, for stacked layers, ``(L, *size)`` and ``(L,
+        *size, C_out)``. Kernels it does not fit are left alone. It must mean
+        the same for every kernel: a ``(3, 3)`` array is the matrix of a 3x3
+        2-D kernel but one matrix per output channel of a 3-tap 1-D kernel
+        with 3 output channels, so params holding both raise (pass a pytree).
       * a pytree with the structure of the params holding such an array or
         ``None`` at each leaf.
 
@@ -533,10 +559,12 @@ def spatial_gradient_scaling(
       ``sgs("acb", learn=True)`` starts from ACB and is refreshed. The
       refresh never touches a transform built with ``learn=False``.
     kernel_layout: ``"HWIO"`` (Flax, Haiku), ``"OIHW"`` (PyTorch-style,
-      Equinox), another layout string, or a params-shaped pytree (or callable
-      ``params -> pytree``) of layout strings and ``None`` per leaf, e.g. for
-      transposed convs (``"HWOI"``) or mixed models. A string applies to every
-      leaf of its rank.
+      Equinox), another layout string (``"WIO"``, ``"OIW"``, ``"DHWIO"``,
+      ``"OIDHW"`` for 1-D and 3-D convs, a leading ``"L"`` for stacked
+      layers), or a params-shaped pytree (or callable ``params -> pytree``)
+      of layout strings and ``None`` per leaf, e.g. for transposed convs
+      (``"HWOI"``) or models mixing ranks. A string applies to every leaf of
+      its rank.
     mask: optional optax-style mask (a pytree of booleans, possibly a prefix
       of the params, or a callable returning one); the transform is then
       ``optax.masked(..., mask)`` and leaves where it is False are never
@@ -546,8 +574,8 @@ def spatial_gradient_scaling(
       equivalent to the branched network; with no weight decay in the chain,
       normalising is the same as dividing the learning rate by ``mean(S)``.
     strict: raise instead of silently leaving an eligible kernel unscaled
-      (an even-sized kernel under a preset or the learned mode, or a kernel
-      whose size no given ``(kh, kw)`` array fits).
+      (an even-sized kernel under a preset or the learned mode, a kernel a
+      preset is not defined for, or a kernel no given array fits).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -555,10 +583,12 @@ def spatial_gradient_scaling(
     ``mask``).
 
   Raises:
-    ValueError: for an unknown preset or layout, a matrix that does not fit its
-      kernel, a ``scaling`` pytree that does not match the params, a matrix
-      that is not an array, negative, non-finite, or of mean 0 with
-      ``normalize=True``, and (with ``strict=True``) unscaled kernels.
+    ValueError: for an unknown preset or layout, a preset that scales no
+      selected kernel, a matrix that does not fit its kernel or an array that
+      fits kernels with different meanings, a ``scaling`` pytree that does
+      not match the params, a matrix that is not an array, negative,
+      non-finite, or of mean 0 with ``normalize=True``, and (with
+      ``strict=True``) unscaled kernels.
 
   Examples:
     >>> import jax.numpy as jnp, optax, sgs_optax
@@ -571,10 +601,17 @@ def spatial_gradient_scaling(
     Array([[-0.1, -0.2, -0.1],
            [-0.2, -0.3, -0.2],
            [-0.1, -0.2, -0.1]], dtype=float32)
+    >>> conv1d = {"kernel": jnp.ones((7, 2, 4))}  # a 7-tap 1-D conv
+    >>> state = sgs_optax.sgs("unireplknet", kernel_layout="WIO").init(conv1d)
+    >>> sgs_optax.get_scalings(state)["kernel"]
+    Array([2., 3., 2., 4., 2., 3., 2.], dtype=float32)
 
   References:
     Detkov et al., `Reparameterization through Spatial Gradient Scaling
     <https://arxiv.org/abs/2303.02733>`_, ICLR 2023.
+    Ding et al., `Scaling Up Your Kernels to 31x31
+    <https://arxiv.org/abs/2203.06717>`_, CVPR 2022 (RepLKNet).
+    Ding et al., `UniRepLKNet <https://arxiv.org/abs/2311.15599>`_, CVPR 2024.
   """
   spec = _validated_spec(scaling, normalize, strict,
                          isinstance(kernel_layout, str))
