@@ -44,11 +44,22 @@ def _split(x: np.ndarray, y: np.ndarray, n_test: int) -> Split:
   return Split(x[n_test:], y[n_test:], x[:n_test], y[:n_test])
 
 
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...],
+                  std: float) -> np.ndarray:
+  """Gaussian noise averaged over 3 neighbours per axis (correlated, as in
+  natural signals), rescaled to ``std``."""
+  x = rng.normal(size=shape)
+  for axis in range(1, len(shape)):
+    x = (x + np.roll(x, 1, axis) + np.roll(x, -1, axis)) / 3
+  return (std * x / x.std()).astype(np.float32)
+
+
 def sequences(seed: int = 0, size: int = 2048, length: int = 64) -> Split:
   """Noisy 1-D sequences, each holding one of four 15-step motifs.
 
   The motif (a rising ramp, a falling ramp, a bump, or two periods of a sine)
-  sits at a random offset in unit Gaussian noise; the label is the motif.
+  sits at a random offset in smooth Gaussian noise (std 0.6); the label is the
+  motif.
   Generated from ``seed`` alone; a quarter of the examples are the test set.
 
   Returns:
@@ -59,7 +70,7 @@ def sequences(seed: int = 0, size: int = 2048, length: int = 64) -> Split:
   motifs = 1.5 * np.stack([t, -t, 2 * np.cos(np.pi * t / 2) ** 2 - 1,
                            np.sin(2 * np.pi * t)])
   labels = rng.integers(0, 4, size)
-  x = rng.normal(size=(size, length)).astype(np.float32)
+  x = _smooth_noise(rng, (size, length), 0.6)
   starts = rng.integers(0, length - 15 + 1, size)
   for i, (label, start) in enumerate(zip(labels, starts)):
     x[i, start:start + 15] += motifs[label]
@@ -70,7 +81,7 @@ def volumes(seed: int = 0, size: int = 1024, side: int = 8) -> Split:
   """Noisy 3-D volumes, each holding one of four small solid shapes.
 
   The shape (a 3x3x3 cube, a 5-voxel line along depth, one along width, or a
-  3-D cross) sits at a random position in Gaussian noise (std 0.5); the
+  3-D cross) sits at a random position in smooth Gaussian noise (std 0.5); the
   label is the shape. Generated from ``seed`` alone; a quarter of the
   examples are the test set.
 
@@ -84,7 +95,7 @@ def volumes(seed: int = 0, size: int = 1024, side: int = 8) -> Split:
   shapes[2, 2, 2, :] = 1
   shapes[3, 2, 2, 1:4] = shapes[3, 2, 1:4, 2] = shapes[3, 1:4, 2, 2] = 1
   labels = rng.integers(0, 4, size)
-  x = 0.5 * rng.normal(size=(size, side, side, side)).astype(np.float32)
+  x = _smooth_noise(rng, (size, side, side, side), 0.5)
   corners = rng.integers(0, side - 5 + 1, (size, 3))
   for i, (label, (d, h, w)) in enumerate(zip(labels, corners)):
     x[i, d:d + 5, h:h + 5, w:w + 5] += shapes[label]

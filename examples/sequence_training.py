@@ -8,11 +8,17 @@ kernel size ``(9,)``, layout ``"WIO"``) classify it. With learned SGS each
 conv's ``(9,)`` gradient matrix is refreshed every other epoch from the mutual
 information between the taps of its input.
 
-Expected output (default mode, 2 CPU cores, about a minute)::
+Expected output (default mode, 2 CPU cores, under a minute)::
 
-  sgd                 test accuracy 0.000
-  sgd+sgs (learned)   test accuracy 0.000
-  learned matrix of conv 1: [...]
+  sgd                 test accuracy 0.880
+  sgd+sgs (learned)   test accuracy 0.834
+  learned matrix of conv 1: [0.21 0.27 0.56 1.29 4.35 1.29 0.56 0.27 0.21]
+
+The learned matrix gives the centre tap most of the gradient: its dependence
+is pinned at 1, while the neighbours' sharpened mutual information in these
+noisy inputs is far lower, and the matrix is divided by its mean. On this
+synthetic task that slows the outer taps and learned SGS trails plain SGD by
+a few points; the example shows how to run it on 1-D convs, not that it wins.
 """
 
 from __future__ import annotations
@@ -55,10 +61,10 @@ def main(argv=None) -> dict[str, tuple[float, optax.OptState]]:
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--tiny", action="store_true",
-                      help="768 training sequences, 3 epochs (for tests)")
+                      help="1536 training sequences, 4 epochs (for tests)")
   args = parser.parse_args(argv)
-  split = data.sequences(args.seed, size=1024 if args.tiny else 4096)
-  epochs = 3 if args.tiny else args.epochs
+  split = data.sequences(args.seed, size=2048 if args.tiny else 4096)
+  epochs = 4 if args.tiny else args.epochs
   results = {}
   for method, learned in (("sgd", False), ("sgd+sgs (learned)", True)):
     results[method] = classify.fit(

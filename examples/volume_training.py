@@ -11,9 +11,15 @@ input (13 displacements, each with its mirror).
 
 Expected output (default mode, 2 CPU cores, about a minute)::
 
-  sgd                 test accuracy 0.000
-  sgd+sgs (learned)   test accuracy 0.000
-  learned matrix of conv 0, middle depth slice: [...]
+  sgd                 test accuracy 0.948
+  sgd+sgs (learned)   test accuracy 0.919
+  learned matrix of conv 0, middle depth slice:
+   [[0.66 1.92 0.64]
+   [1.94 6.16 1.94]
+   [0.64 1.92 0.66]]
+
+As in 1-D, the learned matrix favours the centre (and the face neighbours
+over the corners); plain SGD is a little ahead on this synthetic task.
 """
 
 from __future__ import annotations
@@ -55,10 +61,10 @@ def main(argv=None) -> dict[str, tuple[float, optax.OptState]]:
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--tiny", action="store_true",
-                      help="288 training volumes, 3 epochs (for tests)")
+                      help="576 training volumes, 4 epochs (for tests)")
   args = parser.parse_args(argv)
-  split = data.volumes(args.seed, size=384 if args.tiny else 1536)
-  epochs, batch_size = (3, 32) if args.tiny else (args.epochs,
+  split = data.volumes(args.seed, size=768 if args.tiny else 1536)
+  epochs, batch_size = (4, 16) if args.tiny else (args.epochs,
                                                    args.batch_size)
   results = {}
   for method, learned in (("sgd", False), ("sgd+sgs (learned)", True)):

@@ -49,3 +49,37 @@ def test_equinox_example_tiny_learns_and_refreshes_oihw_matrices():
   matrix = np.asarray(sgs_optax.get_scalings(opt_state).conv1.weight)
   assert matrix.shape == (3, 3) and not np.allclose(matrix, 1.0)
   assert matrix[1, 1] == matrix.max()  # the centre is pinned at 1 before /mean.
+
+
+def learned_matrix(opt_state, layer):
+  return np.asarray(sgs_optax.get_scalings(opt_state)[layer]["kernel"])
+
+
+def test_sequence_example_tiny_learns_and_refreshes_one_d_matrices():
+  from examples import sequence_training  # pylint: disable=g-import-not-at-top
+
+  results = sequence_training.main(["--tiny"])
+  baseline, _ = results["sgd"]
+  accuracy, opt_state = results["sgd+sgs (learned)"]
+  # Four classes (chance 0.25); 4 epochs on 1536 sequences.
+  assert baseline > 0.45 and accuracy > 0.45
+  assert abs(accuracy - baseline) < 0.15
+  matrix = learned_matrix(opt_state, "Conv_1")
+  assert matrix.shape == (9,) and not np.allclose(matrix, 1.0)
+  assert matrix[4] == matrix.max()
+  np.testing.assert_allclose(matrix.mean(), 1.0, rtol=1e-5)
+
+
+def test_volume_example_tiny_learns_and_refreshes_three_d_matrices():
+  from examples import volume_training  # pylint: disable=g-import-not-at-top
+
+  results = volume_training.main(["--tiny"])
+  baseline, _ = results["sgd"]
+  accuracy, opt_state = results["sgd+sgs (learned)"]
+  # Four classes (chance 0.25); 4 epochs on 576 volumes.
+  assert baseline > 0.35 and accuracy > 0.35
+  assert abs(accuracy - baseline) < 0.2
+  matrix = learned_matrix(opt_state, "Conv_0")
+  assert matrix.shape == (3, 3, 3) and not np.allclose(matrix, 1.0)
+  assert matrix[1, 1, 1] == matrix.max()
+  np.testing.assert_allclose(matrix.mean(), 1.0, rtol=1e-5)
