@@ -8,19 +8,28 @@
   (``download=False`` always: nothing here ever downloads). Reading needs no
   TensorFlow; *preparing* the files does (see :data:`PREPARE_HELP`).
 
-Images are float32 NHWC in [0, 1] (or standardised per channel with the
-training-set statistics when ``normalize=True``); labels are int32.
+:func:`load_raw` gives the pixels as stored (uint8, NHWC) so that a whole
+split can sit on an accelerator as is (CIFAR's 50,000 training images are
+154 MB as uint8, four times that as float32); :func:`load_dataset` gives
+float32 images in [0, 1]. :func:`validation_split` carves a seeded,
+stratified validation split out of the training split (never the test split).
 
 Batches come from :func:`epoch_batches`: a seeded numpy permutation per epoch,
 the same whichever optional packages are installed.
+
+Every problem with the data raises a :class:`DataUnavailableError` whose
+message says what to install or run; nothing before it (tfds' own warnings and
+exceptions are silenced and not chained).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pathlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,6 +68,53 @@ and pass it as data_dir (compare.py: --data-dir DIR). Data already prepared in
 the default TFRecord format must be rebuilt with --file_format=array_record."""
 
 
+INSTALL_HELP = """\
+Dataset {name!r} is read with tensorflow-datasets, which is not installed.
+Install it (no TensorFlow needed to read prepared data):
+
+    pip install tensorflow-datasets
+    (or, in a checkout: pip install -e ".[benchmarks,data]")
+
+The default dataset, digits, needs only scikit-learn."""
+
+# Pixel value of white in the stored images (digits count strokes out of 16).
+MAX_VALUE = {"digits": 16, "mnist": 255, "fashion_mnist": 255, "cifar10": 255,
+             "cifar100": 255}
+# Share of the training split held out for validation (tuning), per dataset.
+VALIDATION_FRACTION = {"digits": 0.2}
+DEFAULT_VALIDATION_FRACTION = 0.1
+
+
+class DataUnavailableError(Exception):
+  """The data cannot be read; the message says what to install or run."""
+
+
+class MissingPackageError(DataUnavailableError, ModuleNotFoundError):
+  """A package needed to read the dataset is not installed."""
+
+
+class MissingDataError(DataUnavailableError, FileNotFoundError):
+  """The dataset is not prepared where it was looked for."""
+
+
+class Dataset(NamedTuple):
+  """A dataset as stored: uint8 NHWC images and int32 labels.
+
+  Attributes:
+    x_train: training images, uint8 ``(N, H, W, C)``.
+    y_train: training labels, int32 ``(N,)``.
+    x_test: test images.
+    y_test: test labels.
+    max_value: the pixel value of white (16 for digits, 255 otherwise).
+  """
+
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  max_value: int
+
+
 def num_classes(name: str) -> int:
   """Number of classes of a benchmark dataset."""
   _check_name(name)
@@ -77,7 +133,7 @@ def _load_digits(seed: int):
   # pylint: enable=g-import-not-at-top
 
   digits = load_digits()
-  images = (digits.images / 16.0).astype(np.float32)[..., None]  # (N, 8, 8, 1)
+  images = digits.images.astype(np.uint8)[..., None]  # (N, 8, 8, 1), 0..16.
   labels = digits.target.astype(np.int32)
   x_train, x_test, y_train, y_test = train_test_split(
       images, labels, test_size=0.2, stratify=labels, random_state=seed
@@ -104,46 +160,126 @@ def _read_all(source: Sequence[Any], chunk: int = 4096):
   return np.stack(images), np.stack(labels)
 
 
-def _diagnose(name: str, split: str, data_dir: str | None,
-              error: Exception) -> str:
-  """Says what is on disk: tfds' own message is misleading when nothing is."""
-  root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
-      "~/tensorflow_datasets")
-  dataset_dir = pathlib.Path(root) / name
-  files = sorted(p.name for p in dataset_dir.glob("*/*")) if (
-      dataset_dir.is_dir()) else []
-  if any("array_record" in f for f in files):
-    found = "ArrayRecord files are there but could not be read"
-  elif any("tfrecord" in f for f in files):
-    found = ("only TFRecord files are there (tfds.data_source needs "
-             "ArrayRecord)")
-  else:
-    found = "no prepared data is there"
-  return (f"Cannot read tfds dataset {name!r} (split {split!r}) from "
-          f"{dataset_dir}: {found}. Nothing is downloaded (download=False). "
-          f"[{type(error).__name__}: {str(error).splitlines()[0]}]")
+def _data_root(data_dir: str | None) -> tuple[pathlib.Path, str]:
+  """Where tfds looks, and how the user chose it (for the message)."""
+  if data_dir is not None:
+    return pathlib.Path(data_dir), "--data-dir"
+  if os.environ.get("TFDS_DATA_DIR"):
+    return pathlib.Path(os.environ["TFDS_DATA_DIR"]), "$TFDS_DATA_DIR"
+  return pathlib.Path("~/tensorflow_datasets").expanduser(), "the default"
+
+
+def _split_files(dataset_dir: pathlib.Path, name: str, split: str,
+                 kind: str) -> list[str]:
+  pattern = f"*/{name}-{split}.{kind}*"
+  return sorted(p.name for p in dataset_dir.glob(pattern))
+
+
+def _diagnose(name: str, data_dir: str | None, error: Exception) -> str:
+  """One sentence on what is missing, from what is on disk."""
+  root, origin = _data_root(data_dir)
+  dataset_dir = root / name
+  if not root.is_dir():
+    return (f"The data directory {root} ({origin}) does not exist, so "
+            f"dataset {name!r} is not prepared there.")
+  if not dataset_dir.is_dir():
+    return f"Dataset {name!r} is not prepared in {root} (no {dataset_dir})."
+  missing = [split for split in ("train", "test")
+             if not _split_files(dataset_dir, name, split, "array_record")]
+  if missing and all(_split_files(dataset_dir, name, s, "tfrecord")
+                     for s in missing):
+    return (f"Dataset {name!r} in {dataset_dir} is prepared as TFRecord; "
+            "tfds.data_source reads only ArrayRecord: rebuild it with "
+            "--file_format=array_record.")
+  if missing:
+    return (f"The {' and '.join(repr(s) for s in missing)} split of dataset "
+            f"{name!r} is not prepared in {dataset_dir} (no "
+            f"{name}-{missing[0]}.array_record-* file).")
+  first_line = (str(error).splitlines() or [""])[0]
+  return (f"The ArrayRecord files of dataset {name!r} in {dataset_dir} could "
+          f"not be read ({type(error).__name__}: {first_line}).")
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """tfds logs misleading warnings (e.g. a missing dataset_info.json)."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _import_tfds(name: str):
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise MissingPackageError(INSTALL_HELP.format(name=name)) from None
+  return tfds
 
 
 def _load_tfds(name: str, data_dir: str | None):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
+  tfds = _import_tfds(name)
   if data_dir is not None:
     data_dir = os.fspath(data_dir)
+    if not os.path.isdir(data_dir):  # Checked first: tfds would warn.
+      raise MissingDataError(
+          _diagnose(name, data_dir, FileNotFoundError(data_dir)) + "\n\n"
+          + PREPARE_HELP.format(name=name))
   arrays = []
   for split in ("train", "test"):
-    try:
-      source = tfds.data_source(
-          name, split=split, data_dir=data_dir, download=False, try_gcs=False
-      )
-    except (AssertionError, NotImplementedError, FileNotFoundError,
-            OSError) as e:
-      raise FileNotFoundError(
-          _diagnose(name, split, data_dir, e) + "\n\n"
-          + PREPARE_HELP.format(name=name)
-      ) from e
+    failure = None
+    with _quiet_absl():
+      try:
+        source = tfds.data_source(
+            name, split=split, data_dir=data_dir, download=False,
+            try_gcs=False)
+      except (AssertionError, NotImplementedError, OSError, KeyError,
+              ValueError) as e:
+        failure = e
+    if failure is not None:  # Raised outside `except`: nothing chained.
+      raise MissingDataError(_diagnose(name, data_dir, failure) + "\n\n"
+                             + PREPARE_HELP.format(name=name))
     images, labels = _read_all(source)
-    arrays += [(images.astype(np.float32) / 255.0), labels.astype(np.int32)]
+    arrays += [images.astype(np.uint8), labels.astype(np.int32)]
   return tuple(arrays)
+
+
+def load_raw(
+    name: str = "digits",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> Dataset:
+  """Loads a benchmark dataset into memory as stored (uint8 pixels).
+
+  Args:
+    name: one of :data:`DATASETS`.
+    data_dir: tfds data directory holding ArrayRecord files (tfds datasets
+      only; default: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+    seed: seed of the digits train/test split (tfds datasets use their
+      standard splits).
+
+  Returns:
+    A :class:`Dataset`. See :func:`num_classes` for the class count.
+
+  Raises:
+    ValueError: for an unknown dataset name.
+    MissingPackageError: tensorflow-datasets is needed and not installed.
+    MissingDataError: the data directory does not exist, or the dataset or
+      one of its splits is not prepared there as ArrayRecord. Never downloads.
+  """
+  _check_name(name)
+  if name == "digits":
+    arrays = _load_digits(seed)
+  else:
+    arrays = _load_tfds(name, data_dir)
+  x_train, y_train, x_test, y_test = arrays
+  return Dataset(np.ascontiguousarray(x_train), np.asarray(y_train, np.int32),
+                 np.ascontiguousarray(x_test), np.asarray(y_test, np.int32),
+                 MAX_VALUE[name])
 
 
 def load_dataset(
@@ -153,7 +289,7 @@ def load_dataset(
     seed: int = 0,
     normalize: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """Loads a benchmark dataset into memory.
+  """Loads a benchmark dataset into memory as float32 images.
 
   Args:
     name: one of :data:`DATASETS`.
@@ -166,30 +302,84 @@ def load_dataset(
 
   Returns:
     ``(train_images, train_labels, test_images, test_labels)``: float32 NHWC
-    images and int32 labels. See :func:`num_classes` for the class count.
+    images and int32 labels.
 
   Raises:
-    ValueError: for an unknown dataset name.
-    FileNotFoundError: when a tfds dataset is not prepared as ArrayRecord under
-      ``data_dir``; the message says how to prepare it. Never downloads.
+    ValueError, MissingPackageError, MissingDataError: as :func:`load_raw`.
   """
-  _check_name(name)
-  if name == "digits":
-    x_train, y_train, x_test, y_test = _load_digits(seed)
-  else:
-    x_train, y_train, x_test, y_test = _load_tfds(name, data_dir)
+  data = load_raw(name, data_dir=data_dir, seed=seed)
+  x_train = data.x_train.astype(np.float32) / data.max_value
+  x_test = data.x_test.astype(np.float32) / data.max_value
   if normalize:
-    mean = x_train.mean(axis=(0, 1, 2), keepdims=True)
-    std = x_train.std(axis=(0, 1, 2), keepdims=True)
-    std = np.where(std > 0, std, 1.0)
+    mean, std = channel_stats(x_train)
     x_train = (x_train - mean) / std
     x_test = (x_test - mean) / std
-  return (
-      np.ascontiguousarray(x_train, dtype=np.float32),
-      np.asarray(y_train, dtype=np.int32),
-      np.ascontiguousarray(x_test, dtype=np.float32),
-      np.asarray(y_test, dtype=np.int32),
-  )
+  return (np.ascontiguousarray(x_train, dtype=np.float32), data.y_train,
+          np.ascontiguousarray(x_test, dtype=np.float32), data.y_test)
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std over ``(N, H, W)``, in float64 (std > 0).
+
+  Accumulated over chunks, so a uint8 CIFAR split is never converted whole.
+
+  Args:
+    images: ``(N, H, W, C)`` images of any real dtype.
+    chunk: images per chunk.
+
+  Returns:
+    ``(mean, std)``, each float32 of shape ``(C,)``; a constant channel gets
+    std 1.
+  """
+  total = np.zeros(images.shape[-1])
+  squares = np.zeros(images.shape[-1])
+  for start in range(0, len(images), chunk):
+    block = images[start:start + chunk].astype(np.float64)
+    total += block.sum(axis=(0, 1, 2))
+    squares += np.square(block).sum(axis=(0, 1, 2))
+  count = images.size // images.shape[-1]
+  mean = total / count
+  std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+  return (mean.astype(np.float32),
+          np.where(std > 0, std, 1.0).astype(np.float32))
+
+
+def validation_split(labels: np.ndarray, fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """A seeded, stratified train/validation split of a training split.
+
+  Args:
+    labels: the training labels.
+    fraction: share held out for validation, in (0, 1).
+    seed: split seed.
+
+  Returns:
+    ``(train_index, val_index)``: sorted, disjoint int64 index arrays that
+    cover ``range(len(labels))``; each class is split in the same proportion
+    (up to rounding).
+
+  Raises:
+    ValueError: if ``fraction`` is not in (0, 1).
+  """
+  # pylint: disable=g-import-not-at-top
+  from sklearn.model_selection import train_test_split
+  # pylint: enable=g-import-not-at-top
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"The validation fraction must be in (0, 1), got "
+                     f"{fraction}.")
+  index = np.arange(len(labels))
+  counts = np.bincount(labels)
+  classes = int(np.count_nonzero(counts))
+  n_val = int(np.ceil(fraction * len(labels)))
+  # Stratified when every class can give both splits an example (always on
+  # the real datasets; tiny subsets of CIFAR-100 cannot).
+  can_stratify = (counts[counts > 0].min() >= 2 and classes <= n_val
+                  and classes <= len(labels) - n_val)
+  stratify = labels if can_stratify else None
+  train, val = train_test_split(index, test_size=fraction, stratify=stratify,
+                                random_state=seed)
+  return np.sort(train), np.sort(val)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

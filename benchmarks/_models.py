@@ -139,24 +139,32 @@ class SmallVGG(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
-VGG11_CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+VGG_CONFIGS = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512,
+              "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512,
+              "M", 512, 512, 512, "M"),
+}
 
 
-class VGG11(nn.Module):
-  """VGG-11 with BatchNorm for 32x32 inputs (CIFAR), as in the SGS paper.
+class VGG(nn.Module):
+  """VGG with BatchNorm for 32x32 inputs (CIFAR), as in the SGS paper.
 
-  ``width`` is the first layer's width (64 in the paper); the others scale
-  with it (64-128-256-512-512 at 64).
+  ``config`` lists conv widths at ``width`` 64 and ``"M"`` for 2x2 max
+  pooling (:data:`VGG_CONFIGS`); every width scales with ``width``
+  (64-128-256-512-512 at 64). Global average pooling and one dense layer
+  replace ImageNet VGG's three dense layers.
   """
 
   num_classes: int = 10
   width: int = 64
   conv: ConvFactory = plain_conv
+  config: Sequence[Any] = VGG_CONFIGS["vgg11"]
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     index = 0
-    for item in VGG11_CONFIG:
+    for item in self.config:
       if item == "M":
         x = _maybe_pool(x)
         continue
@@ -216,10 +224,10 @@ class ResNet18(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
-MODELS = ("small_vgg", "vgg11", "resnet18")
+MODELS = ("small_vgg", "vgg11", "vgg16", "resnet18")
 
 
-DEFAULT_WIDTH = {"small_vgg": 16, "vgg11": 64, "resnet18": 64}
+DEFAULT_WIDTH = {"small_vgg": 16, "vgg11": 64, "vgg16": 64, "resnet18": 64}
 TINY_WIDTH = 4
 
 
@@ -238,8 +246,8 @@ def make_model(
     num_classes: outputs of the dense head.
     conv: the conv factory (:func:`plain_conv` or :func:`branched_conv`).
     width: the first conv's width, the others scale with it (default
-      :data:`DEFAULT_WIDTH`): small_vgg w-2w-4w-4w, vgg11 w..8w, resnet18
-      stages w-2w-4w-8w.
+      :data:`DEFAULT_WIDTH`): small_vgg w-2w-4w-4w, vgg11 and vgg16 w..8w,
+      resnet18 stages w-2w-4w-8w.
     tiny: width :data:`TINY_WIDTH` (smoke tests), unless ``width`` is given.
 
   Returns:
@@ -252,8 +260,8 @@ def make_model(
   if name == "small_vgg":
     stages = ((width,), (2 * width,), (4 * width, 4 * width))
     return SmallVGG(num_classes, stages=stages, conv=conv)
-  if name == "vgg11":
-    return VGG11(num_classes, width=width, conv=conv)
+  if name in VGG_CONFIGS:
+    return VGG(num_classes, width=width, conv=conv, config=VGG_CONFIGS[name])
   return ResNet18(num_classes, width=width, conv=conv)
 
 
@@ -296,3 +304,59 @@ def merge_branched_params(
     return {key: merge(value) for key, value in tree.items()}
 
   return merge(branched_params)
+
+
+def _is_branch_target(leaf: Any) -> bool:
+  """An odd KxK HWIO conv kernel, K > 1: what :func:`branched_conv` splits."""
+  if getattr(leaf, "ndim", 0) != 4:
+    return False
+  kh, kw = leaf.shape[:2]
+  return kh > 1 and kw > 1 and kh % 2 == 1 and kw % 2 == 1
+
+
+def branched_params_from_plain(
+    plain_params: Mapping[str, Any],
+    preset: str,
+    *,
+    branch_scales: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+  """The branched model's params whose merged network is ``plain_params``.
+
+  Each branched layer's full KxK branch gets the plain kernel (divided by its
+  scale) and every other branch is zero, so :func:`merge_branched_params`
+  gives ``plain_params`` back exactly. Started from these, the branched
+  network follows the trajectory of the plain network trained with
+  ``sgs(branch_scaling(...))`` under SGD (Detkov et al., 2023); the two
+  coincide only when both start from the same merged weight. This is the
+  paired initialisation of the branched baselines.
+
+  Args:
+    plain_params: the ``params`` collection of a model built with
+      :func:`plain_conv`.
+    preset: "acb" or "repvgg", as given to :func:`branched_conv`.
+    branch_scales: the scales the branched layers are built with.
+
+  Returns:
+    A params tree for the same model built with ``branched_conv(preset,
+    branch_scales)``.
+  """
+  if preset not in BRANCH_PRESETS:
+    raise ValueError(
+        f"Unknown branch preset {preset!r}; expected {tuple(BRANCH_PRESETS)}.")
+  first_scale = 1.0 if branch_scales is None else branch_scales[0]
+
+  def split(tree):
+    if not isinstance(tree, Mapping):
+      return tree
+    kernel = tree.get("kernel")
+    if kernel is None or not _is_branch_target(kernel):
+      return {key: split(value) for key, value in tree.items()}
+    kh, kw, cin, cout = kernel.shape
+    out = {key: value for key, value in tree.items() if key != "kernel"}
+    for i, (bh, bw) in enumerate(BRANCH_PRESETS[preset](kh, kw)):
+      out[f"kernel_{i}"] = (
+          kernel / jnp.asarray(first_scale, kernel.dtype) if i == 0 else
+          jnp.zeros((bh, bw, cin, cout), kernel.dtype))
+    return out
+
+  return split(plain_params)

@@ -26,16 +26,26 @@ the estimator over all eight conv inputs (one full refresh). Wall and process
 CPU times are both recorded: the machine may be shared, and CPU time is the
 steadier of the two there.
 
+Large windows: the cost of one estimator call for a 13x13 window (84
+offsets) on the input of a large-kernel stage (256 images, two CIFAR batches,
+16x16 ReLU maps, 128 channels) and for a 31-tap 1-D window (15 offsets) on
+the input of a Conformer-style depthwise conv (32 sequences of 1000 frames,
+256 channels), each beside a 3-tap window on the same input, with the
+compile time, the compiled temporaries against the input's size, and the
+subsampled variants' difference from the full count.
+
 Run from the repository root::
 
   python -m benchmarks.mi_speed --out results/mi_speed.json
   python -m benchmarks.mi_speed --tiny     # a seconds-long smoke run
+  python -m benchmarks.mi_speed --large-windows-only  # 13x13 and 31-tap
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import platform
@@ -44,6 +54,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sgs_optax._dependence import spatial_dependence
@@ -55,6 +66,17 @@ VGG11_CONV_INPUTS = (
 )
 TINY_CONV_INPUTS = ((3, 8), (16, 4))
 DEFAULT_SUBSAMPLES = (4096, 16384, 65536, 262144)
+# (name, input shape, window): a large-kernel stage at CIFAR scale and a
+# Conformer-style depthwise conv over 10 s of 100 Hz frames.
+LARGE_WINDOWS = (
+    ("13x13", (256, 16, 16, 128), (13, 13)),
+    ("31-tap", (32, 1000, 256), (31,)),
+)
+TINY_LARGE_WINDOWS = (
+    ("13x13", (4, 8, 8, 4), (13, 13)),
+    ("31-tap", (4, 64, 4), (31,)),
+)
+LARGE_SUBSAMPLES = (4096, 16384)
 FULL_DATA_GOAL = 3.0
 STRETCH_GOAL = 10.0
 STRETCH_MAX_DIFF = 2e-3
@@ -228,6 +250,81 @@ def run_layer(
   return layer
 
 
+def sequence_activations(
+    n: int, length: int, channels: int, seed: int
+) -> np.ndarray:
+  """Seeded (N, L, C) post-ReLU features, smooth along time."""
+  rng = np.random.default_rng(seed)
+  z = rng.standard_normal((n, length + 4, channels), np.float32)
+  c = np.cumsum(z, axis=1, dtype=np.float32)
+  c = np.concatenate([np.zeros_like(c[:, :1]), c], axis=1)
+  x = (c[:, 5:] - c[:, :-5]) / np.sqrt(5.0)
+  gain = np.exp(rng.normal(0.0, 0.5, channels)).astype(np.float32)
+  bias = rng.normal(-0.4, 0.6, channels).astype(np.float32)
+  return np.maximum(x * gain + bias, 0).astype(np.float32)
+
+
+def run_large_window(
+    name: str, shape: Sequence[int], window: Sequence[int],
+    subsamples: Sequence[int], repeats: int, seed: int,
+) -> dict:
+  """Times one estimator call for a large window beside a 3-tap one."""
+  if len(shape) == 4:
+    x = activations(shape[0], shape[3], shape[1], seed, stem=False)
+  else:
+    x = sequence_activations(*shape, seed)
+  xj = jax.device_put(x)
+  key = jax.random.key(seed)
+  small = (3,) * len(window)
+  variants: dict[str, Callable[[], object]] = {
+      "small": lambda: spatial_dependence(xj, small),
+      "large": lambda: spatial_dependence(xj, window),
+  }
+  for m in subsamples:
+    variants[f"large[{m}]"] = (
+        lambda m=m: spatial_dependence(xj, window, subsample=m, key=key))
+  first, wall, cpu, results = {}, {k: [] for k in variants}, {
+      k: [] for k in variants}, {}
+  for k, fn in variants.items():
+    results[k], first[k], _ = _timed(fn)
+  for r in range(repeats):
+    names = list(variants)[r % len(variants):] + list(variants)[
+        :r % len(variants)]
+    for k in names:
+      _, w, c = _timed(variants[k])
+      wall[k].append(w)
+      cpu[k].append(c)
+  compiled = jax.jit(lambda v: spatial_dependence(v, window)).lower(
+      jax.ShapeDtypeStruct(x.shape, jnp.float32)).compile()
+  wall = {k: statistics.median(v) for k, v in wall.items()}
+  return {
+      "name": name, "shape": list(shape), "window": list(window),
+      "offsets": (math.prod(window) - 1) // 2,
+      "wall_s": wall,
+      "cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
+      "compile_s": {k: max(first[k] - wall[k], 0.0) for k in first},
+      "cost_vs_3_taps": wall["large"] / wall["small"],
+      "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+      "input_bytes": x.nbytes,
+      "max_abs_diff": {
+          k: max_abs_diff(results[k], results["large"]) for k in variants
+          if k.startswith("large[")
+      },
+  }
+
+
+def _print_large(r: dict) -> None:
+  w = r["wall_s"]
+  text = (f"{r['name']} window on {tuple(r['shape'])}: {r['offsets']} offsets,"
+          f" {w['large']:.2f}s (x{r['cost_vs_3_taps']:.1f} a 3-tap window,"
+          f" {w['small']:.2f}s), compile {r['compile_s']['large']:.1f}s,"
+          f" temporaries {r['temp_bytes'] / 2**20:.1f} MiB"
+          f" (input {r['input_bytes'] / 2**20:.1f} MiB)")
+  for k, d in r["max_abs_diff"].items():
+    text += f"  {k[6:-1]}: {w[k]:.2f}s diff {d:.1e}"
+  print(text, flush=True)
+
+
 def summarize(layers: list[dict], subsamples: Sequence[int]) -> dict:
   names = ["jit"] + [f"jit[{m}]" for m in subsamples]
   total_wall = {k: sum(r["wall_s"][k] for r in layers)
@@ -281,34 +378,7 @@ def _print_layer(r: dict, subsamples: Sequence[int]) -> None:
   print(text, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--tiny", action="store_true",
-                      help="two small layers, 16 images, one repeat")
-  parser.add_argument("--out", default="results/mi_speed.json",
-                      help="JSON output path")
-  parser.add_argument("--n-images", type=int, default=None)
-  parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--subsample", type=int, nargs="*", default=None)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  layers_spec = TINY_CONV_INPUTS if args.tiny else VGG11_CONV_INPUTS
-  n = args.n_images or (16 if args.tiny else 2560)
-  repeats = args.repeats or (1 if args.tiny else 3)
-  subsamples = tuple(args.subsample if args.subsample is not None else
-                     ((128,) if args.tiny else DEFAULT_SUBSAMPLES))
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
-        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
-        f"N={n}, repeats={repeats}, subsample sizes {list(subsamples)}",
-        flush=True)
-  load_before = os.getloadavg()
-  start = time.perf_counter()
-  layers = []
-  for i, (channels, size) in enumerate(layers_spec):
-    layers.append(run_layer(i, channels, size, n, subsamples, repeats,
-                            args.seed))
-    _print_layer(layers[-1], subsamples)
-  summary = summarize(layers, subsamples)
+def _print_summary(summary: dict, num_layers: int) -> None:
   tw, tc = summary["total_wall_s"], summary["total_cpu_s"]
   print(f"total: official {tw['official']:.2f}s wall / {tc['official']:.2f}s"
         f" cpu; jit {tw['jit']:.2f}s / {tc['jit']:.2f}s -> speed-up"
@@ -328,9 +398,60 @@ def main(argv: Sequence[str] | None = None) -> dict:
         + ("met" if summary["stretch_goal_met"] else "NOT met")
         + (f" (best within tolerance: {best['variant']},"
            f" x{best['speedup_wall']:.1f})" if best else ""))
-  print(f"compile, full refresh ({len(layers)} conv inputs,"
+  print(f"compile, full refresh ({num_layers} conv inputs,"
         f" {summary['compile_distinct_shapes']} distinct shapes):"
         f" {summary['compile_s_full_refresh']:.1f}s")
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tiny", action="store_true",
+                      help="two small layers, 16 images, one repeat")
+  parser.add_argument("--out", default="results/mi_speed.json",
+                      help="JSON output path")
+  parser.add_argument("--n-images", type=int, default=None)
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--subsample", type=int, nargs="*", default=None)
+  parser.add_argument("--seed", type=int, default=0)
+  which = parser.add_mutually_exclusive_group()
+  which.add_argument("--skip-large-windows", action="store_true",
+                     help="do not time the 13x13 and 31-tap windows")
+  which.add_argument("--large-windows-only", action="store_true",
+                     help="time only the 13x13 and 31-tap windows")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  args = _parse(argv)
+  layers_spec = TINY_CONV_INPUTS if args.tiny else VGG11_CONV_INPUTS
+  if args.large_windows_only:
+    layers_spec = ()
+  n = args.n_images or (16 if args.tiny else 2560)
+  repeats = args.repeats or (1 if args.tiny else 3)
+  subsamples = tuple(args.subsample if args.subsample is not None else
+                     ((128,) if args.tiny else DEFAULT_SUBSAMPLES))
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+        f"N={n}, repeats={repeats}, subsample sizes {list(subsamples)}",
+        flush=True)
+  load_before = os.getloadavg()
+  start = time.perf_counter()
+  layers, summary = [], None
+  for i, (channels, size) in enumerate(layers_spec):
+    layers.append(run_layer(i, channels, size, n, subsamples, repeats,
+                            args.seed))
+    _print_layer(layers[-1], subsamples)
+  if layers:
+    summary = summarize(layers, subsamples)
+    _print_summary(summary, len(layers))
+  large = []
+  if not args.skip_large_windows:
+    for name, shape, window in (TINY_LARGE_WINDOWS if args.tiny
+                                else LARGE_WINDOWS):
+      large.append(run_large_window(
+          name, shape, window, () if args.tiny else LARGE_SUBSAMPLES,
+          repeats, args.seed))
+      _print_large(large[-1])
   results = {
       "settings": {
           "tiny": args.tiny, "n_images": n, "repeats": repeats,
@@ -345,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       },
       "layers": layers,
       "summary": summary,
+      "large_windows": large,
   }
   if args.out:
     out = pathlib.Path(args.out)

@@ -44,7 +44,7 @@ noisy estimate of what SGS and CDG add.
 refreshes and their compile included).
 
 * A short real run: the small VGG on scikit-learn's digits
-  (:func:`benchmarks._data.load_dataset`), ``--real-epochs`` epochs of
+  (:func:`benchmarks._data.load_raw`), ``--real-epochs`` epochs of
   ``Trainer.fit`` at batch 64, the learned SGS refreshed at every epoch from 2
   batches (the paper refreshes every 5 epochs, so this is 5x the refresh rate
   per epoch, and a digits epoch is only ~22 steps: this run is refresh-heavy by
@@ -201,11 +201,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def _hyper(batch_size: int) -> compare.Hyper:
+def _hyper(batch_size: int) -> dict[str, Any]:
+  """The paper's SGD settings; the lr scales with the batch (0.1 at 128)."""
   steps = PAPER["epochs"] * math.ceil(PAPER["train_images"] / batch_size)
-  return compare.Hyper(lr=0.1 * batch_size / 128, momentum=0.9,
-                       weight_decay=5e-4, adamw_lr=1e-3, adamw_weight_decay=0.05,
-                       total_steps=steps)
+  return {"lr": 0.1 * batch_size / 128, "total_steps": steps,
+          **dataclasses.asdict(compare.Hyper())}
+
+
+def _on_device(images: jax.Array, labels: jax.Array) -> _train.Phase:
+  """A phase over a batch already on the device, passed through unscaled."""
+  channels = images.shape[-1]
+  return _train.Phase(_train.DeviceSplit(images, labels),
+                      np.arange(len(images)),
+                      _train.Normalization(jnp.zeros(channels),
+                                           jnp.ones(channels)), {})
 
 
 def _memory(compiled) -> dict[str, int | None]:
@@ -252,6 +261,10 @@ def run_model(name: str, args, methods: Sequence[Method]) -> dict[str, Any]:
   refresh_images = jnp.asarray(
       rng.normal(size=(args.refresh_images, 32, 32, 3)), jnp.float32)
   hyper = _hyper(batch)
+  phase = _on_device(images, labels)
+  refresh_phase = _on_device(refresh_images,
+                             jnp.zeros(len(refresh_images), jnp.int32))
+  index = jnp.arange(batch)
   variables = {}
   runs = {}
   for method in methods:
@@ -259,7 +272,7 @@ def run_model(name: str, args, methods: Sequence[Method]) -> dict[str, Any]:
             else _models.branched_conv(method.conv))
     model = _models.make_model(name, args.num_classes, conv=conv,
                                width=args.width, tiny=args.tiny)
-    tx = method.build(hyper)
+    tx = method.build(compare.Hyper())
     # rbg keys: the same steps, much faster model inits to compile on CPU.
     trainer = _train.Trainer(model, tx, refresh=method.learned,
                              prng_impl="rbg")
@@ -267,14 +280,17 @@ def run_model(name: str, args, methods: Sequence[Method]) -> dict[str, Any]:
     if method.conv not in variables:
       variables[method.conv], record["init_s"], _ = _timed(
           lambda: trainer.init_variables(0, np.asarray(images)))  # pylint: disable=cell-var-from-loop
-    state = trainer.init(0, np.asarray(images), variables[method.conv])
-    key = trainer.key(0)
+    state = trainer.init(variables[method.conv], lr=hyper["lr"],
+                         total_steps=hyper["total_steps"])
+    key = trainer.run_key(0)
     step = trainer.train_step
+    step_args = (phase.train, index, phase.norm, key,
+                 jnp.asarray(0, jnp.int32))
     compiled, record["compile_s"], _ = _timed(
-        lambda: step.lower(state, images, labels, key).compile())  # pylint: disable=cell-var-from-loop
+        lambda: step.lower(state, *step_args).compile())  # pylint: disable=cell-var-from-loop
     record["memory"] = _memory(compiled)
     # The first call reuses that executable (checked: step_compilations).
-    trainer.warm_up(state, images, labels)
+    trainer.warm_up(state, phase, batch)
     record["first_call_s"] = trainer.compile_time_s
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(
         state.params))
@@ -294,12 +310,13 @@ def run_model(name: str, args, methods: Sequence[Method]) -> dict[str, Any]:
                                            state.opt_state, state.params)
     if method.learned:
       refresh = trainer.refresh_step
-      args_ = (state.params, state.batch_stats, state.opt_state,
-               refresh_images)
+      args_ = (state, refresh_phase.train, jnp.asarray(
+          refresh_phase.train_index), refresh_phase.norm)
       _, record["refresh_compile_s"], _ = _timed(
           lambda: refresh.lower(*args_).compile())  # pylint: disable=cell-var-from-loop
       # First (untimed) refresh: the steps then run with learned matrices.
-      run["state"] = trainer.refresh(state, refresh_images)
+      run["state"] = trainer.refresh(state, refresh_phase,
+                                     refresh_phase.train_index)
       record["refresh_images"] = args.refresh_images
     # pylint: enable=protected-access
     extra = (f", update compile {record['update_compile_s']:.1f} s"
@@ -320,7 +337,8 @@ def run_model(name: str, args, methods: Sequence[Method]) -> dict[str, Any]:
       def steps(run=run, trainer=trainer, key=key):
         state = run["state"]
         for _ in range(args.steps_per_round):
-          state, _ = trainer.train_step(state, images, labels, key)
+          state, _ = trainer.train_step(state, *step_args[:3], key,
+                                        step_args[4])
         return state
 
       run["state"], wall, cpu = _timed(steps)
@@ -340,7 +358,8 @@ def run_model(name: str, args, methods: Sequence[Method]) -> dict[str, Any]:
       if run["method"].learned and r < args.refresh_repeats:
         _, wall, cpu = _timed(
             lambda run=run, trainer=trainer: trainer.refresh(  # pylint: disable=g-long-lambda
-                run["state"], refresh_images).opt_state)
+                run["state"], refresh_phase,
+                refresh_phase.train_index).opt_state)
         run["refresh"].append(wall)
         run["refresh_cpu"].append(cpu)
     line = ", ".join(f"{m} {1e3 * runs[m]['step'][-1]:.0f}" for m in order)
@@ -481,27 +500,26 @@ def table_footer(results: Sequence[dict[str, Any]]) -> str:
 
 def real_run(args) -> dict[str, Any]:
   """sgd vs sgs-learned on digits (small VGG), alternating epoch by epoch."""
-  x_train, y_train, x_test, y_test = _data.load_dataset(
-      REAL_RUN["dataset"], normalize=True)
-  data = (x_train, y_train, x_test, y_test)
+  data = _data.load_raw(REAL_RUN["dataset"])
+  x_train = data.x_train
+  phase = _train.Phase(_train.preload(x_train, data.y_train),
+                       np.arange(len(x_train)),
+                       _train.normalization(x_train), {})
   batch = min(REAL_RUN["batch_size"], len(x_train))
   steps_per_epoch = len(x_train) // batch
-  hyper = _hyper(batch)
-  hyper = dataclasses.replace(hyper,
-                              total_steps=args.real_epochs * steps_per_epoch)
   model = _models.make_model(REAL_RUN["model"], _data.num_classes("digits"),
                              tiny=args.tiny)
   runs = {}
   variables = None
   for method in (compare.METHODS["sgd"], compare.METHODS["sgs-learned"]):
-    trainer = _train.Trainer(model, method.build(hyper),
+    trainer = _train.Trainer(model, method.build(compare.Hyper()),
                              refresh=method.learned, prng_impl="rbg")
     if variables is None:
       variables = trainer.init_variables(0, x_train)
-    state = trainer.init(0, x_train, variables)
-    trainer.warm_up(state, x_train[:batch], y_train[:batch],
-                    refresh_images=x_train[:REAL_RUN["refresh_batches"]
-                                           * batch])
+    state = trainer.init(variables, lr=_hyper(batch)["lr"],
+                         total_steps=args.real_epochs * steps_per_epoch)
+    trainer.warm_up(state, phase, batch,
+                    refresh_count=REAL_RUN["refresh_batches"] * batch)
     runs[method.name] = {"trainer": trainer, "state": state, "epoch_s": [],
                          "refresh_s": [], "learned": method.learned}
   for epoch in range(args.real_epochs):
@@ -509,10 +527,9 @@ def real_run(args) -> dict[str, Any]:
     for name in order:
       run = runs[name]
       result = run["trainer"].fit(
-          run["state"], data, seed=epoch, epochs=1, batch_size=batch,
+          run["state"], phase, seed=epoch, epochs=1, batch_size=batch,
           refresh_every=1 if run["learned"] else None,
-          refresh_batches=REAL_RUN["refresh_batches"],
-          evaluate=lambda s: float("nan"), progress=False)
+          refresh_batches=REAL_RUN["refresh_batches"], progress=False)
       run["state"] = result.final_state
       run["epoch_s"] += result.epoch_time_s
       run["refresh_s"] += result.refresh_time_s
@@ -689,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "settings": {**vars(args), "paper_schedule": PAPER, "goals": GOALS,
                    "peers_orepa_paper": PEERS, "real_run": REAL_RUN,
                    "input_shape": [32, 32, 3], "prng_impl": "rbg",
-                   "hyper": dataclasses.asdict(_hyper(args.batch_size))},
+                   "hyper": _hyper(args.batch_size)},
       "environment": _report.environment(),
       "loadavg_start": load_start,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),

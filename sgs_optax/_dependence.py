@@ -3,19 +3,29 @@
 This is the statistic behind the SGS scaling refresh (steps 2-7 of the
 algorithm): for every displacement inside the kernel window, the plug-in
 mutual information between each input pixel and its displaced neighbour,
-normalised, sharpened and averaged over channels. It is a jittable, loop-free
-(over channels) rewrite of the official ``dependence.py``, with the same bin
-count and bin ranges, and without its bugs (max-valued samples dropped under
+normalised, sharpened and averaged over channels. It is a jittable rewrite of
+the official ``dependence.py``, for 1, 2 or 3 spatial axes, with the same bin
+count and bin ranges and without its bugs (max-valued samples dropped under
 NumPy >= 2, wrong column centre for non-square kernels, transposed padding).
 
-Bin ids are computed arithmetically, ``floor((v - lo) * bins / (hi - lo))``
-clipped to the last bin, and counted with integer scatter-adds into a static
-buffer of ``B`` x ``B`` cells per displacement and channel, over the batch in
-cache-sized chunks: no ``N x B`` intermediate and no padded copy of the batch
-is ever built. XLA:CPU runs a scatter-add on one core at about 1 ns per pair,
-which bounds the speed: on a CIFAR VGG-11 refresh (2560 images) this is about
-5x faster than the official NumPy loop over ``fast_histogram``, after a
-compile of 1-4 s per distinct input shape (see ``benchmarks/mi_speed.py``).
+The estimate runs in named steps:
+
+1. ``_position_extrema``: the batch's min and max at every position (one pass
+   over the data), from which ``_crop_ranges`` reads each displacement's
+   ``[min, max]`` ranges; with diagonal removal ``_kept_ranges`` takes them
+   (and the data-dependent bin counts) from the kept pairs instead.
+2. ``_count_group``: joint histograms, per displacement and channel, counted
+   with integer scatter-adds into a static buffer of ``B`` x ``B`` cells,
+   over the batch in cache-sized chunks (``_count_pairs``) or over a random
+   sample of pairs (``_count_sample``). No ``N x B`` intermediate and no
+   padded copy of the batch is built.
+3. ``_sharpened_nmi``: entropies in bits, NMI and its sharpening.
+4. ``_assemble``: each value at its two mirrored taps, averaged over channels.
+
+On feature maps sharded over the batch, every device counts its own images
+and only the small per-displacement tables, ranges and pair counts cross
+devices (``_partition``); the maps are never gathered. Speed against the
+official NumPy loop is measured by ``benchmarks/mi_speed.py``.
 
 Bin edges are evaluated in float32, NumPy's in float64: a sample lying within
 float32 rounding of an edge can land in the neighbouring bin, which moves an
@@ -26,134 +36,104 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import functools
-from typing import Any, NamedTuple, TypeAlias
+import itertools
+import math
+import numbers
+from typing import Any, NamedTuple
 
-import chex
 import jax
+from jax.custom_batching import custom_vmap
+from jax.experimental.custom_partitioning import custom_partitioning
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
-PaddingLike: TypeAlias = str | int | Sequence[int | tuple[int, int]]
+from sgs_optax import _geometry
 
-_PAD_MODES = ("zeros", "circular", "reflect")
-# Flax's padding strings that imply both the pads and the fill.
-_FLAX_PAD_STRINGS = {"CIRCULAR": "circular", "REFLECT": "reflect"}
-_LAX_PAD_STRINGS = ("SAME", "SAME_LOWER", "VALID")
 _JNP_PAD_MODES = {"zeros": "constant", "circular": "wrap", "reflect": "reflect"}
 # Bin ids and per-cell counts are int32.
 _MAX_SAMPLES = 2**31 - 1
-# A sampled pair (two gathered pixels) costs about this many counted pairs of
-# the full-data path (3.7 measured on VGG inputs): a displacement whose sample
-# would be more than 1 / _GATHER_COST of its pairs counts them all instead,
-# which is both faster and exact.
+# A sampled pair (two gathered pixels) costs about as much as this many
+# counted pairs of the full-data path: a displacement whose sample would be
+# more than 1 / _GATHER_COST of its pairs counts them all instead, which is
+# both faster and exact.
 _GATHER_COST = 4
 # Elements of a padded batch chunk: large enough to amortise the loop, small
-# enough for the chunk and its bin ids (one buffer per displacement) to stay
-# in a 1 MiB L2 (2**16 was 1.5x slower on VGG inputs), and off fresh,
-# page-faulting buffers, where an unchunked version spends most of its time.
+# enough for the chunk and the bin ids of four displacements to stay in a
+# typical L2 cache. Chunks shrink for larger groups of displacements.
 _CHUNK_ELEMENTS = 1 << 15
+# Count tables (and sampled pair positions) are held for at most this many
+# int32 cells at once: large windows are counted in groups of displacements,
+# so that memory stays bounded whatever the window.
+_GROUP_CELLS = 1 << 24
+# Windows with more displacements than this are counted in a loop over them
+# rather than unrolled, so that compile time stays flat as windows grow.
+_UNROLLED_ROWS = 8
 
 
-def _as_pair(value: Any, name: str) -> tuple[int, int]:
-  """Reads an int or a pair of ints, as Flax and lax accept them."""
-  if isinstance(value, int) and not isinstance(value, bool):
-    return (value, value)
-  if (
-      isinstance(value, Sequence)
-      and not isinstance(value, str)
-      and len(value) == 2
-      and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-  ):
-    return (int(value[0]), int(value[1]))
-  raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}.")
+class _Plan(NamedTuple):
+  """Everything static about one estimate (hashable: a jit static)."""
+
+  kernel_size: tuple[int, ...]
+  batch: int  # the whole batch, over all devices: it sets the bin counts
+  spatial: tuple[int, ...]  # unpadded
+  pads: tuple[tuple[int, int], ...]
+  mode: str
+  taps: tuple[tuple[int, ...], ...]  # displacements, in kernel taps
+  offsets: tuple[tuple[int, ...], ...]  # the same in pixels (dilated)
+  diagonal_removal: bool
+  subsample: int | None
+
+  @property
+  def padded(self) -> tuple[int, ...]:
+    return tuple(s + lo + hi for s, (lo, hi) in zip(self.spatial, self.pads))
+
+  def pairs(self, j: int) -> int:
+    """Pairs of displacement ``j`` over the whole batch."""
+    return self.batch * _crop(self.offsets[j], self.padded)[2]
+
+  @property
+  def live(self) -> tuple[int, ...]:
+    """Displacements with at least one pair (the others are undefined)."""
+    return tuple(j for j in range(len(self.taps)) if self.pairs(j) > 0)
+
+  @property
+  def buf(self) -> int:
+    """Bins of the static buffer: the most any live displacement needs."""
+    return max([_sturges(self.pairs(j)) for j in self.live], default=1)
+
+  def sampled(self, j: int) -> bool:
+    return (self.subsample is not None
+            and self.subsample * _GATHER_COST < self.pairs(j))
 
 
-def _check_kernel_size(kernel_size: Any) -> tuple[int, int]:
-  if (
-      not isinstance(kernel_size, Sequence)
-      or len(kernel_size) != 2
-      or not all(
-          isinstance(k, int) and not isinstance(k, bool) for k in kernel_size
-      )
-  ):
-    raise ValueError(
-        "kernel_size must be a pair of ints (kh, kw), got "
-        f"{kernel_size!r}."
-    )
-  kh, kw = int(kernel_size[0]), int(kernel_size[1])
-  if kh < 2 or kw < 2:
-    raise ValueError(
-        f"kernel_size {(kh, kw)} is not eligible for spatial gradient "
-        "scaling: both spatial dims must be at least 2 (1x1, 1xK and Kx1 "
-        "kernels have no 2-D neighbourhood)."
-    )
-  if kh % 2 == 0 or kw % 2 == 0:
-    raise ValueError(
-        f"kernel_size {(kh, kw)} has an even dim: the dependence matrix needs "
-        "a centre tap, so only odd kernel sizes are supported."
-    )
-  return kh, kw
-
-
-def _resolve_padding(
-    padding: PaddingLike,
-    padding_mode: str,
-    spatial_shape: tuple[int, int],
-    dilated_kernel: tuple[int, int],
-    strides: tuple[int, int],
-) -> tuple[tuple[tuple[int, int], tuple[int, int]], str]:
-  """The conv's explicit ((top, bottom), (left, right)) pads, and its fill."""
-  if padding_mode not in _PAD_MODES:
-    raise ValueError(
-        f"padding_mode must be one of {_PAD_MODES}, got {padding_mode!r}."
-    )
-  if isinstance(padding, str):
-    name = padding.upper()
-    if name in _FLAX_PAD_STRINGS:
-      implied = _FLAX_PAD_STRINGS[name]
-      if padding_mode not in ("zeros", implied):
-        raise ValueError(
-            f"padding={padding!r} implies padding_mode={implied!r}, got "
-            f"padding_mode={padding_mode!r}."
-        )
-      # Flax pads CIRCULAR/REFLECT convs like this, whatever the stride.
-      pads = tuple(((k - 1) // 2, k // 2) for k in dilated_kernel)
-      return pads, implied
-    if name in _LAX_PAD_STRINGS:
-      pads = jax.lax.padtype_to_pads(
-          spatial_shape, dilated_kernel, strides, name
-      )
-      return tuple((int(lo), int(hi)) for lo, hi in pads), padding_mode
-    raise ValueError(
-        f"Unsupported padding {padding!r}: expected 'SAME', 'SAME_LOWER', "
-        "'VALID', 'CIRCULAR', 'REFLECT', an int, or explicit "
-        "((top, bottom), (left, right)) pairs."
-    )
-  if isinstance(padding, int) and not isinstance(padding, bool):
-    pads = ((padding, padding), (padding, padding))
-  elif isinstance(padding, Sequence) and len(padding) == 2:
-    pads = tuple(_as_pair(p, "each padding entry") for p in padding)
-  else:
-    raise ValueError(
-        f"Unsupported padding {padding!r}: expected a padding string, an int, "
-        "or explicit ((top, bottom), (left, right)) pairs."
-    )
-  if any(p < 0 for pair in pads for p in pair):
-    raise ValueError(f"Negative padding is not supported, got {padding!r}.")
-  return pads, padding_mode
-
-
-def _displacements(
-    kernel_size: tuple[int, int],
-) -> tuple[tuple[int, int], ...]:
-  """One (dx, dy) of each +/- pair, in the official code's order."""
-  rh, rw = (kernel_size[0] - 1) // 2, (kernel_size[1] - 1) // 2
+def _displacements(kernel_size: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+  """One offset of each +/- pair, in the official code's (raster) order."""
+  radii = [range(-(k // 2), k // 2 + 1) for k in kernel_size]
   out = []
-  for dx in range(-rh, rh + 1):
-    for dy in range(-rw, rw + 1):
-      if (dx, dy) != (0, 0) and (-dx, -dy) not in out:
-        out.append((dx, dy))
+  for tap in itertools.product(*radii):
+    negated = tuple(-t for t in tap)
+    if any(tap) and negated not in out:
+      out.append(tap)
   return tuple(out)
+
+
+def _crop(
+    offset: Sequence[int], padded: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...], int]:
+  """Where a displacement's centre (x) and neighbour (y) pixels sit.
+
+  Returns the slices of each on the padded map and the pairs per image.
+  """
+  xs, ys, count = [], [], 1
+  for u, size in zip(offset, padded):
+    length = max(size - abs(u), 0)
+    start = max(-u, 0)
+    xs.append(slice(start, start + length))
+    ys.append(slice(start + u, start + u + length))
+    count *= length
+  return tuple(xs), tuple(ys), count
 
 
 def _sturges(n: int) -> int:
@@ -169,7 +149,7 @@ def _sturges_traced(n: jax.Array) -> jax.Array:
 
 
 def _bin_scale(lo: jax.Array, hi: jax.Array, bins: Any) -> jax.Array:
-  """Per-channel factor mapping [lo, hi] onto [0, bins]."""
+  """Factor mapping [lo, hi] onto [0, bins]."""
   width = hi - lo
   # A constant variable gets scale 0: all its mass in bin 0, entropy 0.
   return jnp.where(width > 0, jnp.asarray(bins, jnp.float32) / width, 0.0)
@@ -186,75 +166,42 @@ def _bin_index(
   return jnp.clip(idx, 0, jnp.asarray(bins, jnp.int32) - 1)
 
 
-def _entropy_bits(counts: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """Shannon entropy in bits of the non-zero cells, normalised per table."""
-  total = jnp.sum(counts, axis=axes, keepdims=True)
-  nonzero = counts > 0
-  p = jnp.where(nonzero, counts / jnp.where(total > 0, total, 1), 1)
-  h = -jnp.sum(jnp.where(nonzero, p * jnp.log2(p), 0), axis=axes)
-  # A single occupied cell must give exactly 0 (not a rounding residue of
-  # c / c), so that a constant channel's 0/0 stays NaN instead of NMI = 1.
-  return jnp.where(jnp.sum(nonzero, axis=axes) > 1, h, 0.0)
-
-
-class _Crop(NamedTuple):
-  """Where a displacement's centre (x) and neighbour (y) pixels sit."""
-
-  x_rows: slice
-  y_rows: slice
-  x_cols: slice
-  y_cols: slice
-  count_per_image: int
-
-
-def _crop(dx: int, dy: int, hp: int, wp: int) -> _Crop:
-  def axis(offset, size):
-    length = max(size - abs(offset), 0)
-    start = max(-offset, 0)
-    return (
-        slice(start, start + length),
-        slice(start + offset, start + offset + length),
-        length,
-    )
-
-  x_rows, y_rows, h = axis(dx, hp)
-  x_cols, y_cols, w = axis(dy, wp)
-  return _Crop(x_rows, y_rows, x_cols, y_cols, h * w)
-
-
-def _source_index(
-    t: jax.Array, size: int, before: int, mode: str
+def _all_reduce(
+    x: jax.Array, op: Callable[..., jax.Array], axes: tuple[str, ...]
 ) -> jax.Array:
-  """Unpadded index that padded position `t` copies (-1 for a padding zero).
+  """Combines per-device statistics over the mesh axes the batch is split on."""
+  return op(x, axes) if axes else x
 
-  Arithmetic rather than a lookup table: gathers do not fuse on XLA:CPU.
+
+def _count_true(mask: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """int32 count of True along `axes`."""
+  if math.prod(mask.shape[a] for a in axes) < 2**24:
+    # Summed in float32 (exact below 2**24), which vectorises on CPU where an
+    # integer sum of booleans does not.
+    return jnp.sum(jnp.where(mask, 1.0, 0.0), axis=axes).astype(jnp.int32)
+  return jnp.sum(mask, axis=axes, dtype=jnp.int32)
+
+
+class _Chunks(NamedTuple):
+  """The local batch in static chunks, so per-chunk buffers stay small.
+
+  ``get(i)`` gives chunk ``i`` as float32 and a mask of its images that no
+  earlier chunk covered: the last chunk is shifted back to stay in bounds and
+  its repeated images are masked out, and chunk ``num`` is entirely masked
+  out (the pipelined count reads one chunk past the end).
   """
-  t = t - before
-  if mode == "zeros":
-    return jnp.where((t >= 0) & (t < size), t, -1)
-  if mode == "circular":
-    return jnp.mod(t, size)
-  if size == 1:  # reflect of a single row: numpy and jnp.pad repeat it.
-    return jnp.zeros_like(t)
-  period = 2 * (size - 1)
-  t = jnp.mod(jnp.abs(t), period)
-  return jnp.where(t < size, t, period - t)
+
+  size: int
+  num: int
+  get: Callable[[Any], tuple[jax.Array, jax.Array]]
 
 
 def _batch_chunks(
-    x: jax.Array, row_elems: int, chunk_elements: int
-) -> tuple[int, int, Callable[[Any], tuple[jax.Array, jax.Array]]]:
-  """Static chunking of the batch so per-chunk buffers stay cache-sized.
-
-  Returns the chunk size, the chunk count and a function of the (traced)
-  chunk number giving the chunk and a mask of the images that belong to it:
-  the last chunk is shifted back to stay in bounds, and its images that an
-  earlier chunk already covered are masked out (chunk number `num` is thus
-  entirely masked out).
-  """
+    x: jax.Array, padded: Sequence[int], elements: int
+) -> _Chunks:
   n = x.shape[0]
-  size = int(min(n, max(1, chunk_elements // max(row_elems, 1))))
-  num = -(-n // size)
+  row = math.prod(padded) * x.shape[-1]
+  size = int(min(n, max(1, elements // max(row, 1))))
 
   def get(i):
     start = i * size
@@ -263,7 +210,247 @@ def _batch_chunks(
     fresh = shifted + jnp.arange(size) >= start
     return chunk.astype(jnp.float32), fresh
 
-  return size, num, get
+  return _Chunks(size, -(-n // size), get)
+
+
+def _pad(chunk: jax.Array, plan: _Plan) -> jax.Array:
+  return jnp.pad(
+      chunk, ((0, 0), *plan.pads, (0, 0)), mode=_JNP_PAD_MODES[plan.mode]
+  )
+
+
+def _take(table: Any, row: Any) -> Any:
+  """Row `row` of a small table: static for an int row, traced otherwise.
+
+  A traced row is picked by a masked reduction rather than a dynamic slice:
+  a dynamic slice would be fused into the per-pair arithmetic that reads it
+  and keep that from compiling to vector code.
+  """
+  if isinstance(row, int):
+    return table[row]
+  table = jnp.asarray(table)
+  pick = jnp.arange(table.shape[0]) == row
+  pick = pick.reshape((-1,) + (1,) * (table.ndim - 1))
+  if jnp.issubdtype(table.dtype, jnp.floating):
+    lowest = -jnp.inf
+  else:
+    lowest = jnp.iinfo(table.dtype).min
+  return jnp.max(jnp.where(pick, table, lowest), axis=0)
+
+
+def _live_crops(plan: _Plan) -> np.ndarray:
+  """Per live displacement and axis: x start, y start and crop length."""
+  table = np.zeros((len(plan.live), 3, len(plan.spatial)), np.int32)
+  for row, j in enumerate(plan.live):
+    x, y, _ = _crop(plan.offsets[j], plan.padded)
+    table[row] = [[s.start for s in x], [s.start for s in y],
+                  [s.stop - s.start for s in x]]
+  return table
+
+
+class _Schedule(NamedTuple):
+  """Which rows (displacements) each loop step handles, for which block.
+
+  A few rows are unrolled: every step handles all of them on one block, with
+  exact static crops. Many rows (a large window) would unroll into a program
+  whose compile time grows with the window, so each step handles one row of
+  one block instead, with a traced row number; rows are outermost, so that
+  one row's tables stay in cache while the blocks stream past. Step `num`
+  (one past the end) gets block `blocks`, which is entirely masked out.
+  """
+
+  rows: tuple[int, ...]
+  blocks: int
+
+  @property
+  def unrolled(self) -> bool:
+    return len(self.rows) <= _UNROLLED_ROWS
+
+  @property
+  def num(self) -> int:
+    return self.blocks * (1 if self.unrolled else len(self.rows))
+
+  def at(self, i: Any) -> tuple[Any, list[tuple[Any, Any]]]:
+    """Block of step `i` and its (position in `rows`, row) pairs."""
+    if self.unrolled:
+      return i, list(enumerate(self.rows))
+    slot = jnp.minimum(i // self.blocks, len(self.rows) - 1)
+    block = jnp.where(i < self.num, i % self.blocks, self.blocks)
+    return block, [(slot, _take(self.rows, slot))]
+
+
+def _row_pairs(
+    xp: jax.Array, plan: _Plan, row: Any
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """Centre and neighbour pixels of live displacement `row` in a padded chunk.
+
+  Returns them and a mask of the real pairs (None: all are). A static row is
+  cropped exactly; a traced one pairs the whole map with a shifted copy and
+  masks the pairs whose neighbour falls off the map.
+  """
+  everything = slice(None)
+  if isinstance(row, int):
+    x, y, _ = _crop(plan.offsets[plan.live[row]], plan.padded)
+    return (xp[(everything, *x, everything)],
+            xp[(everything, *y, everything)], None)
+  offset = _take(np.asarray([plan.offsets[j] for j in plan.live]), row)
+  # Row-major: the neighbour of flat position q is q + delta wherever the
+  # pair is real; elsewhere the index is clipped and the pair masked.
+  delta = jnp.dot(offset, np.cumprod((1, *plan.padded[:0:-1]))[::-1])
+  flat = xp.reshape(-1, xp.shape[-1])
+  source = jnp.arange(flat.shape[0]) + delta
+  ys = jnp.take(flat, source, axis=0, mode="clip").reshape(xp.shape)
+  valid = True
+  for axis, size in enumerate(plan.padded):
+    t = jax.lax.broadcasted_iota(jnp.int32, (1, *plan.padded, 1), axis + 1)
+    valid = valid & (t + offset[axis] >= 0) & (t + offset[axis] < size)
+  return xp, ys, valid
+
+
+def _fresh_mask(fresh: jax.Array, like: jax.Array) -> jax.Array:
+  return fresh.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+class _Ranges(NamedTuple):
+  """Per live displacement (rows) and channel: bins of x and y."""
+
+  lo: jax.Array  # (L, 2, C): the x and y minima
+  scale: jax.Array  # (L, 2, C): bins / (max - min)
+  bins: Any  # (L,) static ints, or (L, C) traced counts
+
+
+def _position_extrema(
+    inputs: jax.Array, plan: _Plan, axes: tuple[str, ...]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Padded maps of the batch's min and max at each position, and finiteness.
+
+  The extrema are taken unpadded (padding only copies or zeroes positions, so
+  it commutes with them), with elementwise accumulators over chunks: a
+  reduction over the leading axis is slow on CPU.
+  """
+  chunks = _batch_chunks(inputs, plan.spatial, _CHUNK_ELEMENTS)
+
+  def body(i, carry):
+    chunk, _ = chunks.get(i)
+    return jnp.minimum(carry[0], chunk), jnp.maximum(carry[1], chunk)
+
+  shape = (chunks.size, *inputs.shape[1:])
+  lo, hi = jax.lax.fori_loop(
+      0, chunks.num, body,
+      (jnp.full(shape, jnp.inf), jnp.full(shape, -jnp.inf)),
+  )
+  lo, hi = jnp.min(lo, axis=0), jnp.max(hi, axis=0)
+  spatial = tuple(range(lo.ndim - 1))
+  # NaN or inf anywhere shows in some channel's minimum or maximum.
+  lowest = _all_reduce(jnp.min(lo, axis=spatial), jax.lax.pmin, axes)
+  highest = _all_reduce(jnp.max(hi, axis=spatial), jax.lax.pmax, axes)
+  finite = jnp.all(jnp.isfinite(lowest)) & jnp.all(jnp.isfinite(highest))
+  pad = (*plan.pads, (0, 0))
+  mode = _JNP_PAD_MODES[plan.mode]
+  return jnp.pad(lo, pad, mode=mode), jnp.pad(hi, pad, mode=mode), finite
+
+
+def _running(m: jax.Array, op: Callable[..., jax.Array]) -> list[jax.Array]:
+  """`op` (cummin or cummax) run from either end of every spatial axis.
+
+  Map ``b`` of the ``2**d`` runs backwards along spatial axis ``a`` iff bit
+  ``a`` of ``b`` is set.
+  """
+  maps = [m]
+  for axis in range(m.ndim - 1):
+    maps = [op(x, axis=axis, reverse=back) for back in (False, True)
+            for x in maps]
+  return maps
+
+
+def _corners(starts: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+  """Which running map holds each crop's extremum, and at which position.
+
+  Every crop is a prefix or a suffix of each axis, so its extremum is the
+  forward run at its last position or the backward run at its first one.
+  """
+  suffix = starts > 0
+  which = (suffix * (1 << np.arange(starts.shape[-1]))).sum(-1)
+  where = np.where(suffix, starts, starts + lengths - 1)
+  return [which, *where.T]
+
+
+def _crop_ranges(
+    lo_map: jax.Array, hi_map: jax.Array, plan: _Plan, axes: tuple[str, ...]
+) -> _Ranges:
+  """Bins over each crop's [min, max], with the static Sturges count."""
+  table = _live_crops(plan)
+  index = [np.stack([x, y], axis=1) for x, y in zip(
+      _corners(table[:, 0], table[:, 2]), _corners(table[:, 1], table[:, 2]))]
+  lo = jnp.stack(_running(lo_map, jax.lax.cummin))[tuple(index)]
+  hi = jnp.stack(_running(hi_map, jax.lax.cummax))[tuple(index)]
+  lo = _all_reduce(lo, jax.lax.pmin, axes)  # (L, 2, C)
+  hi = _all_reduce(hi, jax.lax.pmax, axes)
+  bins = tuple(_sturges(plan.pairs(j)) for j in plan.live)
+  scale = _bin_scale(lo, hi, np.asarray(bins, np.float32)[:, None, None])
+  return _Ranges(lo, scale, bins)
+
+
+def _kept_ranges(
+    inputs: jax.Array, plan: _Plan, axes: tuple[str, ...]
+) -> _Ranges:
+  """Diagonal removal: ranges and traced Sturges counts of the kept pairs.
+
+  A pair is kept when both its values are non-zero; how many are kept, hence
+  the bin count, depends on the data, and every device's share counts.
+  """
+  chunks = _batch_chunks(inputs, plan.padded, _CHUNK_ELEMENTS)
+  schedule = _Schedule(tuple(range(len(plan.live))), chunks.num)
+
+  def body(i, carry):
+    kept, lo, hi = carry
+    block, steps = schedule.at(i)
+    chunk, fresh = chunks.get(block)
+    xp = _pad(chunk, plan)
+    for _, row in steps:
+      xs, ys, valid = _row_pairs(xp, plan, row)
+      keep = (xs != 0) & (ys != 0) & _fresh_mask(fresh, xs)
+      keep = keep if valid is None else keep & valid
+      over = tuple(range(keep.ndim - 1))
+      low = [jnp.min(jnp.where(keep, v, jnp.inf), over) for v in (xs, ys)]
+      high = [jnp.max(jnp.where(keep, v, -jnp.inf), over) for v in (xs, ys)]
+      kept = kept.at[row].add(_count_true(keep, over))
+      lo = lo.at[row].min(jnp.stack(low))
+      hi = hi.at[row].max(jnp.stack(high))
+    return kept, lo, hi
+
+  shape = (len(plan.live), 2, inputs.shape[-1])
+  kept, lo, hi = jax.lax.fori_loop(0, schedule.num, body, (
+      jnp.zeros(shape[::2], jnp.int32), jnp.full(shape, jnp.inf),
+      jnp.full(shape, -jnp.inf)))
+  kept = _all_reduce(kept, jax.lax.psum, axes)
+  lo = _all_reduce(lo, jax.lax.pmin, axes)
+  hi = _all_reduce(hi, jax.lax.pmax, axes)
+  bins = _sturges_traced(kept)  # (L, C); never above the static buffer
+  return _Ranges(lo, _bin_scale(lo, hi, bins[:, None, :]), bins)
+
+
+class _Cells(NamedTuple):
+  """Count tables of a group of consecutive live displacements (rows).
+
+  ``buf`` x ``buf`` cells per row and channel, ``stride`` cells apart, then
+  one spare cell per channel for the pairs that are not counted.
+  """
+
+  start: int  # first live row of the group
+  rows: int
+  channels: int
+  buf: int
+  stride: int
+
+  @property
+  def size(self) -> int:
+    return self.rows * self.channels * self.stride
+
+  def spare(self) -> jax.Array:
+    # One spare cell per channel: a single one would chain every dropped add
+    # on one address.
+    return self.size + jnp.arange(self.channels, dtype=jnp.int32)
 
 
 def _channel_stride(buf: int) -> int:
@@ -276,7 +463,32 @@ def _channel_stride(buf: int) -> int:
   return 16 * (lines | 1)
 
 
-def _count(tables: jax.Array, ids: jax.Array, ones: jax.Array) -> jax.Array:
+def _groups(plan: _Plan, channels: int) -> list[_Cells]:
+  """Live displacements split so each group's tables stay bounded."""
+  live, buf = len(plan.live), plan.buf
+  stride = _channel_stride(buf)
+  # Per row: its tables, and its sampled pair positions if any.
+  size = max(1, _GROUP_CELLS // (channels * stride + (plan.subsample or 0)))
+  return [_Cells(start, min(size, live - start), channels, buf, stride)
+          for start in range(0, live, size)]
+
+
+def _cell_ids(
+    cells: _Cells, ranges: _Ranges, row: Any, xs: jax.Array, ys: jax.Array,
+    keep: jax.Array,
+) -> jax.Array:
+  """Table cell of each pair of group row `row`; others go to spare cells."""
+  live_row = cells.start + row
+  lo, scale = _take(ranges.lo, live_row), _take(ranges.scale, live_row)
+  bins = _take(ranges.bins, live_row)
+  ix = _bin_index(xs, lo[0], scale[0], bins)
+  iy = _bin_index(ys, lo[1], scale[1], bins)
+  base = jnp.arange(cells.channels, dtype=jnp.int32) * cells.stride
+  ids = row * (cells.channels * cells.stride) + base + ix * cells.buf + iy
+  return jnp.where(keep, ids, cells.spare())
+
+
+def _scatter_count(tables: jax.Array, ids: jax.Array, ones: jax.Array):
   """Adds one count per id; `ids` is (..., 1), never flattened."""
   dnums = jax.lax.ScatterDimensionNumbers(
       update_window_dims=(),
@@ -298,16 +510,15 @@ def _pipelined_counts(
   """Counts `make_ids(i)` for i in [0, num_steps) into `tables`.
 
   Software-pipelined: step i scatters the ids that step i - 1 left in the loop
-  carry. On XLA:CPU this is about 3x faster than scattering ids computed in the
-  same step, which get fused behind a flattening copy that compiles to scalar
-  code with an integer division per element. The carry starts at the `spare`
-  cells (broadcast along the last, channel, axis) and `make_ids(num_steps)`
-  must send everything there, so there is no prologue or epilogue to compile
-  twice.
+  carry. On CPU, ids computed in the same step as their scatter get fused
+  behind a flattening copy that compiles to slow scalar code. The carry starts
+  at the `spare` cells (broadcast along the last, channel, axis) and
+  `make_ids(num_steps)` must send everything there, so there is no prologue
+  or epilogue to compile twice.
   """
   def step_ids(i):
     # The trailing index-vector axis is added here, in the producing fusion,
-    # so that XLA needs no layout-changing copy before the scatter.
+    # so that no layout-changing copy is needed before the scatter.
     return [ids[..., None] for ids in make_ids(i)]
 
   shapes = jax.eval_shape(step_ids, 0)
@@ -320,352 +531,521 @@ def _pipelined_counts(
   def body(i, carry):
     tables, pending = carry
     for ids, one in zip(pending, ones):
-      tables = _count(tables, ids, one)
+      tables = _scatter_count(tables, ids, one)
     return tables, step_ids(i)
 
   tables, _ = jax.lax.fori_loop(0, num_steps + 1, body, (tables, pending))
   return tables
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "kernel_size",
-        "pads",
-        "pad_mode",
-        "dilation",
-        "diagonal_removal",
-        "subsample",
-        "chunk_elements",
-    ),
-)
-def _dependence_impl(
-    inputs: jax.Array,
-    k: jax.Array,
-    key: jax.Array | None,
-    *,
-    kernel_size: tuple[int, int],
-    pads: tuple[tuple[int, int], tuple[int, int]],
-    pad_mode: str,
-    dilation: tuple[int, int],
-    diagonal_removal: bool,
-    subsample: int | None,
-    chunk_elements: int,
+def _count_pairs(
+    tables: jax.Array, inputs: jax.Array, plan: _Plan, ranges: _Ranges,
+    cells: _Cells, rows: list[int],
 ) -> jax.Array:
-  """Steps 2-7 of the refresh; every argument but the data is static."""
-  n, h, w, c = inputs.shape
-  hp, wp = h + sum(pads[0]), w + sum(pads[1])
-  kh, kw = kernel_size
-  rh, rw = (kh - 1) // 2, (kw - 1) // 2
-  disps = _displacements(kernel_size)
-  crops = [
-      _crop(dx * dilation[0], dy * dilation[1], hp, wp) for dx, dy in disps
-  ]
-  counts = [n * cr.count_per_image for cr in crops]
-  live = [i for i, cnt in enumerate(counts) if cnt > 0]
-  # One static bin buffer for all displacements, so their tables stack; with
-  # diagonal removal the traced bin count never exceeds it (kept <= count).
-  buf = max([_sturges(counts[i]) for i in live], default=1)
-  pad_spec = ((0, 0), *pads, (0, 0))
-  jnp_mode = _JNP_PAD_MODES[pad_mode]
-  size, num_chunks, get_chunk = _batch_chunks(
-      inputs, hp * wp * c, chunk_elements
-  )
+  """Counts every pair of the given group rows, chunk by chunk."""
+  # The ids of all rows a step handles (all unrolled ones, or one) stay
+  # about as small as those of four rows in a chunk.
+  per_step = len(rows) if len(rows) <= _UNROLLED_ROWS else 1
+  elements = _CHUNK_ELEMENTS * 4 // max(per_step, 4)
+  chunks = _batch_chunks(inputs, plan.padded, elements)
+  schedule = _Schedule(tuple(rows), chunks.num)
 
-  # Pass 1: ranges. The batch extrema per position are taken unpadded (the
-  # pad only copies or zeroes positions, so it commutes with them); elementwise
-  # accumulators avoid XLA:CPU's slow reduction over a leading axis.
-  def extrema(i, carry):
-    lo, hi = carry
-    chunk, _ = get_chunk(i)
-    return jnp.minimum(lo, chunk), jnp.maximum(hi, chunk)
+  def chunk_ids(i):
+    block, steps = schedule.at(i)
+    chunk, fresh = chunks.get(block)
+    xp = _pad(chunk, plan)
+    ids = []
+    for _, row in steps:
+      xs, ys, valid = _row_pairs(xp, plan, cells.start + row)
+      keep = _fresh_mask(fresh, xs)
+      keep = keep if valid is None else keep & valid
+      if plan.diagonal_removal:
+        keep = keep & (xs != 0) & (ys != 0)
+      ids.append(_cell_ids(cells, ranges, row, xs, ys, keep))
+    return ids
 
-  acc_shape = (size, h, w, c)
-  lo_acc, hi_acc = jax.lax.fori_loop(
-      0, num_chunks, extrema,
-      (jnp.full(acc_shape, jnp.inf), jnp.full(acc_shape, -jnp.inf)),
-  )
-  min_map = jnp.pad(jnp.min(lo_acc, axis=0), pad_spec[1:], mode=jnp_mode)
-  max_map = jnp.pad(jnp.max(hi_acc, axis=0), pad_spec[1:], mode=jnp_mode)
-  finite = jnp.all(jnp.isfinite(min_map)) & jnp.all(jnp.isfinite(max_map))
+  return _pipelined_counts(tables, schedule.num, chunk_ids, cells.spare())
 
-  def crop_pairs(xp, cr):
-    xs = xp[:, cr.x_rows, cr.x_cols, :]
-    ys = xp[:, cr.y_rows, cr.y_cols, :]
-    chex.assert_equal_shape((xs, ys))
-    return xs, ys
 
-  if diagonal_removal:
-    # Ranges and the (traced) Sturges count come from the kept pairs only:
-    # another pass, with per-displacement masked reductions.
-    def kept_stats(i, carry):
-      chunk, fresh = get_chunk(i)
-      xp = jnp.pad(chunk, pad_spec, mode=jnp_mode)
-      out = []
-      for j, (kept, lx, hx, ly, hy) in zip(live, carry):
-        xs, ys = crop_pairs(xp, crops[j])
-        keep = (xs != 0) & (ys != 0) & fresh[:, None, None, None]
-        if xs[..., 0].size < 2**24:
-          # Counted in float32 (exact below 2**24; an integer sum of booleans
-          # does not vectorise on CPU), accumulated in int32.
-          in_chunk = jnp.sum(jnp.where(keep, 1.0, 0.0), axis=(0, 1, 2))
-          in_chunk = in_chunk.astype(jnp.int32)
-        else:
-          in_chunk = jnp.sum(keep, axis=(0, 1, 2), dtype=jnp.int32)
-        out.append((
-            kept + in_chunk,
-            jnp.minimum(lx, jnp.min(jnp.where(keep, xs, jnp.inf), (0, 1, 2))),
-            jnp.maximum(hx, jnp.max(jnp.where(keep, xs, -jnp.inf), (0, 1, 2))),
-            jnp.minimum(ly, jnp.min(jnp.where(keep, ys, jnp.inf), (0, 1, 2))),
-            jnp.maximum(hy, jnp.max(jnp.where(keep, ys, -jnp.inf), (0, 1, 2))),
-        ))
-      return out
+def _source_index(
+    t: jax.Array, size: int, before: int, mode: str
+) -> jax.Array:
+  """Unpadded index that padded position `t` copies (-1 for a padding zero).
 
-    inf = jnp.full((c,), jnp.inf, jnp.float32)
-    init = [(jnp.zeros((c,), jnp.int32), inf, -inf, inf, -inf) for _ in live]
-    stats = jax.lax.fori_loop(0, num_chunks, kept_stats, init)
-    ranges = []
-    for kept, lx, hx, ly, hy in stats:
-      bins = _sturges_traced(kept)
-      ranges.append((lx, _bin_scale(lx, hx, bins), ly, _bin_scale(ly, hy, bins),
-                     bins))
-  else:
-    # All displacements' crop extrema at once, from static crop masks (one
-    # fusion instead of four slices and reductions per displacement).
-    masks = np.zeros((len(live), 2, hp, wp, 1), bool)
-    for slot, j in enumerate(live):
-      cr = crops[j]
-      masks[slot, 0, cr.x_rows, cr.x_cols] = True
-      masks[slot, 1, cr.y_rows, cr.y_cols] = True
-    lo = jnp.min(jnp.where(masks, min_map, jnp.inf), axis=(2, 3))
-    hi = jnp.max(jnp.where(masks, max_map, -jnp.inf), axis=(2, 3))
-    bins = [_sturges(counts[j]) for j in live]
-    scale = _bin_scale(lo, hi, np.asarray(bins, np.float32)[:, None, None])
-    ranges = [
-        (lo[slot, 0], scale[slot, 0], lo[slot, 1], scale[slot, 1], bins[slot])
-        for slot in range(len(live))
-    ]
+  Arithmetic rather than a lookup table: gathers do not fuse on CPU.
+  """
+  t = t - before
+  if mode == "zeros":
+    return jnp.where((t >= 0) & (t < size), t, -1)
+  if mode == "circular":
+    return jnp.mod(t, size)
+  if size == 1:  # reflect of a single row: numpy and jnp.pad repeat it.
+    return jnp.zeros_like(t)
+  period = 2 * (size - 1)
+  t = jnp.mod(jnp.abs(t), period)
+  return jnp.where(t < size, t, period - t)
 
-  stride = _channel_stride(buf)
-  table_size = len(live) * c * stride
-  channel_base = jnp.arange(c, dtype=jnp.int32) * stride
 
-  def cell_ids(slot, xs, ys, keep):
-    lx, sx, ly, sy, bins = ranges[slot]
-    ix = _bin_index(xs, lx, sx, bins)
-    iy = _bin_index(ys, ly, sy, bins)
-    ids = slot * (c * stride) + channel_base + ix * buf + iy
-    # Dropped pairs go to spare cells past the tables, one per channel: a
-    # single spare cell would chain every dropped add on one address.
-    return jnp.where(keep, ids, spare)
+def _locate(
+    pos: jax.Array, row: Any, plan: _Plan, first: Any, n_local: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Flat local rows of the x and y pixels of pair number `pos` of live row
+  `row`, and whether the pair's image is on this device. A flat row of -1 is
+  a zero of the padding."""
+  x_start, y_start, length = _take(_live_crops(plan), row)
+  per_image = np.prod(length) if isinstance(row, int) else jnp.prod(length)
+  image, rest = jnp.divmod(pos, per_image)
+  image = image - first
+  here = (image >= 0) & (image < n_local)
+  within = []
+  for axis in reversed(range(len(plan.spatial))):  # row-major in the crop
+    rest, q = jnp.divmod(rest, length[axis])
+    within.insert(0, q)
+  flats = []
+  for start in (x_start, y_start):
+    flat, inside = jnp.where(here, image, 0), here
+    for axis, (size, (before, _)) in enumerate(zip(plan.spatial, plan.pads)):
+      src = _source_index(within[axis] + start[axis], size, before, plan.mode)
+      flat, inside = flat * size + jnp.maximum(src, 0), inside & (src >= 0)
+    flats.append(jnp.where(inside, flat, -1))
+  return flats[0], flats[1], here
 
-  sampled = [
-      s for s, j in enumerate(live)
-      if subsample is not None and subsample * _GATHER_COST < counts[j]
-  ]
-  full = [s for s in range(len(live)) if s not in sampled]
-  spare = table_size + jnp.arange(c, dtype=jnp.int32)
-  tables = jnp.zeros((table_size + c,), jnp.int32)
 
+def _count_sample(
+    tables: jax.Array, inputs: jax.Array, key: jax.Array, plan: _Plan,
+    ranges: _Ranges, cells: _Cells, rows: list[int], first: Any,
+) -> jax.Array:
+  """Counts `plan.subsample` i.i.d. uniform pairs of each given group row.
+
+  Pairs are drawn with replacement (a permutation of millions of positions
+  would cost more than the counting it saves) over the whole batch, the same
+  draw on every device; each device counts the pairs of its own images.
+  """
+  m, c = plan.subsample, inputs.shape[-1]
+  # One draw for all rows: each threefry call costs compile time.
+  pairs = [plan.pairs(plan.live[cells.start + r]) for r in rows]
+  positions = jax.random.randint(
+      key, (len(rows), m), 0, jnp.asarray(pairs)[:, None])
+  flat_rows = inputs.reshape(-1, c)
+  step = int(min(m, max(1, _CHUNK_ELEMENTS // c)))
+  schedule = _Schedule(tuple(rows), -(-m // step))
+
+  def pixels(flat):
+    vals = jnp.take(flat_rows, jnp.maximum(flat, 0), axis=0, mode="clip")
+    return jnp.where((flat >= 0)[:, None], vals.astype(jnp.float32), 0.0)
+
+  def sample_ids(i):
+    block, steps = schedule.at(i)
+    shifted = jnp.minimum(block * step, m - step)
+    fresh = (shifted + jnp.arange(step) >= block * step)[:, None]
+    ids = []
+    for slot, row in steps:
+      pos = jax.lax.dynamic_slice_in_dim(positions[slot], shifted, step)
+      where_x, where_y, here = _locate(
+          pos, cells.start + row, plan, first, inputs.shape[0])
+      xs, ys = pixels(where_x), pixels(where_y)
+      keep = fresh & here[:, None]
+      if plan.diagonal_removal:
+        keep = keep & (xs != 0) & (ys != 0)
+      ids.append(_cell_ids(cells, ranges, row, xs, ys, keep))
+    return ids
+
+  return _pipelined_counts(tables, schedule.num, sample_ids, cells.spare())
+
+
+def _count_group(
+    inputs: jax.Array, key: jax.Array | None, plan: _Plan, ranges: _Ranges,
+    cells: _Cells, axes: tuple[str, ...],
+) -> jax.Array:
+  """Joint histograms of one group of displacements: (G, C, buf, buf)."""
+  rows = range(cells.rows)
+  sampled = [r for r in rows if plan.sampled(plan.live[cells.start + r])]
+  full = [r for r in rows if r not in sampled]
+  tables = jnp.zeros((cells.size + cells.channels,), jnp.int32)
   if full:
-    # Pass 2: count every pair, chunk by chunk, with one scatter per
-    # displacement and chunk (ids stay cache-sized, never N x anything).
-    def chunk_ids(i):
-      chunk, fresh = get_chunk(i)
-      xp = jnp.pad(chunk, pad_spec, mode=jnp_mode)
-      ids = []
-      for slot in full:
-        xs, ys = crop_pairs(xp, crops[live[slot]])
-        keep = fresh[:, None, None, None]
-        if diagonal_removal:
-          keep = keep & (xs != 0) & (ys != 0)
-        ids.append(cell_ids(slot, xs, ys, keep))
-      return ids
-
-    tables = _pipelined_counts(tables, num_chunks, chunk_ids, spare)
-
+    tables = _count_pairs(tables, inputs, plan, ranges, cells, full)
   if sampled:
-    # i.i.d. uniform pairs (with replacement: a permutation of millions of
-    # positions would cost more than the counting it saves). Each pair's two
-    # pixels are located in the unpadded input by mapping padded rows and
-    # columns back to their source (-1 for a zero of the padding).
-    rows = inputs.reshape(n * h * w, c)
+    first = (jax.lax.axis_index(axes) if axes else 0) * inputs.shape[0]
+    tables = _count_sample(tables, inputs, key, plan, ranges, cells, sampled,
+                           first)
+  # The tables, not the maps, cross devices.
+  tables = _all_reduce(tables[:cells.size], jax.lax.psum, axes)
+  joint = tables.reshape(cells.rows, cells.channels, cells.stride)
+  joint = joint[..., :cells.buf * cells.buf]
+  return joint.reshape(cells.rows, cells.channels, cells.buf, cells.buf)
 
-    def locate(img, r, q):
-      src_r = _source_index(r, h, pads[0][0], pad_mode)
-      src_q = _source_index(q, w, pads[1][0], pad_mode)
-      flat = (img * h + jnp.maximum(src_r, 0)) * w + jnp.maximum(src_q, 0)
-      return jnp.where((src_r >= 0) & (src_q >= 0), flat, -1)
 
-    # One draw for all displacements: each threefry call costs a lot of
-    # compile time.
-    positions = jax.random.randint(
-        key, (len(sampled), subsample), 0,
-        jnp.asarray([counts[live[slot]] for slot in sampled])[:, None],
-    )
-    where_x, where_y = [], []
-    for pos, slot in zip(positions, sampled):
-      cr = crops[live[slot]]
-      img, rem = jnp.divmod(pos, cr.count_per_image)
-      r, q = jnp.divmod(rem, cr.x_cols.stop - cr.x_cols.start)
-      where_x.append(locate(img, r + cr.x_rows.start, q + cr.x_cols.start))
-      where_y.append(locate(img, r + cr.y_rows.start, q + cr.y_cols.start))
-    where_x, where_y = jnp.stack(where_x), jnp.stack(where_y)  # (S, m)
-    step = int(min(subsample, max(1, chunk_elements // c)))
-    num_steps = -(-subsample // step)
+def _entropy_bits(counts: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """Shannon entropy in bits of the non-zero cells, normalised per table."""
+  total = jnp.sum(counts, axis=axes, keepdims=True)
+  nonzero = counts > 0
+  p = jnp.where(nonzero, counts / jnp.where(total > 0, total, 1), 1)
+  h = -jnp.sum(jnp.where(nonzero, p * jnp.log2(p), 0), axis=axes)
+  # A single occupied cell must give exactly 0 (not a rounding residue of
+  # c / c), so that a constant channel's 0/0 stays NaN instead of NMI = 1.
+  return jnp.where(jnp.sum(nonzero, axis=axes) > 1, h, 0.0)
 
-    def pixels(flat):
-      vals = jnp.take(rows, jnp.maximum(flat, 0), axis=0, mode="clip")
-      return jnp.where((flat >= 0)[:, None], vals.astype(jnp.float32), 0.0)
 
-    def sample_ids(i):
-      start = i * step
-      shifted = jnp.minimum(start, subsample - step)
-      fresh = (shifted + jnp.arange(step) >= start)[:, None]
-      wx = jax.lax.dynamic_slice_in_dim(where_x, shifted, step, axis=1)
-      wy = jax.lax.dynamic_slice_in_dim(where_y, shifted, step, axis=1)
-      ids = []
-      for row, slot in enumerate(sampled):
-        xs, ys = pixels(wx[row]), pixels(wy[row])
-        keep = fresh
-        if diagonal_removal:
-          keep = keep & (xs != 0) & (ys != 0)
-        ids.append(cell_ids(slot, xs, ys, keep))
-      return ids
+def _sharpened_nmi(
+    joint: jax.Array, k: jax.Array, diagonal_removal: bool
+) -> jax.Array:
+  """``k * NMI / ((k - 1) * NMI + 1)`` of each (..., B, B) joint histogram."""
+  joint = joint.astype(jnp.float32)
+  if diagonal_removal:
+    # The marginals are then summed from the zeroed joint, as officially.
+    joint = joint * (1 - jnp.eye(joint.shape[-1], dtype=jnp.float32))
+  h_xy = _entropy_bits(joint, (-2, -1))
+  h_x = _entropy_bits(jnp.sum(joint, axis=-1), (-1,))
+  h_y = _entropy_bits(jnp.sum(joint, axis=-2), (-1,))
+  # 0/0 (constant or dead channel, empty table) is NaN on purpose.
+  nmi = (h_x + h_y - h_xy) / h_xy
+  f = k * nmi / ((k - 1) * nmi + 1)
+  # With diagonal removal the official code writes 0 for an undefined value.
+  return jnp.where(jnp.isnan(f), 0.0, f) if diagonal_removal else f
 
-    tables = _pipelined_counts(tables, num_steps, sample_ids, spare)
 
-  # Per channel, the matrix in raster order: column 0 holds the centre's 1,
-  # then one column per live displacement, then the undefined value (NaN; 0
-  # with diagonal removal, as the official code) for displacements that have
-  # no pair at all. A static gather puts each at its two mirrored taps.
-  undefined = 0.0 if diagonal_removal else jnp.nan
-  columns = [jnp.ones((c, 1), jnp.float32)]
-  if live:
-    joint = tables[:table_size].reshape(len(live), c, stride)
-    joint = joint[..., :buf * buf].reshape(len(live), c, buf, buf)
-    joint = joint.astype(jnp.float32)
-    if diagonal_removal:
-      joint = joint * (1 - jnp.eye(buf, dtype=jnp.float32))
-    h_xy = _entropy_bits(joint, (-2, -1))
-    h_x = _entropy_bits(jnp.sum(joint, axis=-1), (-1,))
-    h_y = _entropy_bits(jnp.sum(joint, axis=-2), (-1,))
-    # 0/0 (constant or dead channel, empty table) is NaN on purpose.
-    nmi = (h_x + h_y - h_xy) / h_xy
-    f = k * nmi / ((k - 1) * nmi + 1)
-    if diagonal_removal:
-      f = jnp.where(jnp.isnan(f), 0.0, f)
-    columns.append(f.T)
-  columns.append(jnp.full((c, 1), undefined, jnp.float32))
-  source = np.zeros((kh, kw), np.int32)
-  for j, (dx, dy) in enumerate(disps):
-    col = 1 + live.index(j) if j in live else 1 + len(live)
-    source[rh + dx, rw + dy] = source[rh - dx, rw - dy] = col
-  per_channel = jnp.concatenate(columns, axis=1)[:, source]  # (C, kh, kw)
+def _assemble(f: jax.Array, plan: _Plan) -> jax.Array:
+  """Places each live displacement's values (L, C) at its two mirrored taps,
+  with 1 at the centre, and averages over channels skipping NaN."""
+  c = f.shape[-1]
+  undefined = 0.0 if plan.diagonal_removal else jnp.nan
+  # Columns: the centre's 1, one per live displacement, then the value of a
+  # displacement with no pair at all; a static gather places them.
+  columns = jnp.concatenate(
+      [jnp.ones((c, 1)), f.T, jnp.full((c, 1), undefined)], axis=1
+  )
+  source = np.zeros(plan.kernel_size, np.int32)
+  radius = np.asarray(plan.kernel_size) // 2
+  live = plan.live
+  for j, tap in enumerate(plan.taps):
+    column = 1 + live.index(j) if j in live else 1 + len(live)
+    source[tuple(radius + tap)] = source[tuple(radius - tap)] = column
+  per_channel = columns[:, source]  # (C, *kernel_size)
   # nanmean over channels, written out so it cannot warn.
   valid = ~jnp.isnan(per_channel)
   total = jnp.sum(jnp.where(valid, per_channel, 0.0), axis=0)
-  dependence = total / jnp.sum(valid, axis=0)
-  # NaN or inf in the inputs poisons the whole matrix rather than a channel.
-  dependence = jnp.where(finite, dependence, jnp.nan)
-  chex.assert_shape(dependence, (kh, kw))
-  return dependence
+  return total / jnp.sum(valid, axis=0)
 
 
-def _replicate_if_explicitly_sharded(inputs: jax.Array) -> jax.Array:
-  """Gathers inputs whose type carries an explicit (non-GSPMD) sharding.
+def _estimate(
+    inputs: jax.Array, k: jax.Array, key_data: jax.Array | None, *,
+    plan: _Plan, key_impl: str | None, axes: tuple[str, ...],
+) -> jax.Array:
+  """The dependence matrix, from this device's share of the batch.
 
-  The per-cell counts are scatter-adds over every pixel of the batch: under
-  explicit sharding their output sharding would be ambiguous, so the inputs
-  are gathered onto every device first. Automatic (GSPMD) sharding needs no
-  gather: XLA all-reduces the small count tables itself.
+  `axes` are the mesh axes the batch is split over (empty on one device):
+  statistics are combined over them wherever they are reduced.
   """
-  spec = getattr(getattr(jax.typeof(inputs), "sharding", None), "spec", None)
-  if spec is None or all(axis is None for axis in spec):
-    return inputs
-  return jax.sharding.reshard(inputs, jax.sharding.PartitionSpec())
+  lo_map, hi_map, finite = _position_extrema(inputs, plan, axes)
+  ranges = None
+  if plan.live and plan.diagonal_removal:
+    ranges = _kept_ranges(inputs, plan, axes)
+  elif plan.live:
+    ranges = _crop_ranges(lo_map, hi_map, plan, axes)
+  key = None
+  if key_data is not None:
+    key = jax.random.wrap_key_data(key_data, impl=key_impl)
+  f = [jnp.zeros((0, inputs.shape[-1]), jnp.float32)]
+  for g, cells in enumerate(_groups(plan, inputs.shape[-1])):
+    group_key = None if key is None else jax.random.fold_in(key, g)
+    joint = _count_group(inputs, group_key, plan, ranges, cells, axes)
+    f.append(_sharpened_nmi(joint, k, plan.diagonal_removal))
+  dependence = _assemble(jnp.concatenate(f), plan)
+  # NaN or inf in the inputs poisons the whole matrix rather than a channel.
+  return jnp.where(finite, dependence, jnp.nan)
+
+
+def _batch_axes(mesh: Any, arg: Any, batch: int) -> tuple[str, ...]:
+  """Mesh axes that split the batch evenly, read from the input's sharding."""
+  spec = getattr(arg.sharding, "spec", None)
+  if not spec or spec[0] is None:
+    return ()
+  axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  # Uneven shards are padded, and the padding must not be counted: such a
+  # batch is gathered instead.
+  return axes if batch % shards == 0 else ()
+
+
+def _partition(plan, key_impl, mesh, arg_shapes, result_shape):
+  """Counts on each device's share of the batch (custom_partitioning)."""
+  del result_shape
+  axes = _batch_axes(mesh, arg_shapes[0], plan.batch)
+  replicated = NamedSharding(mesh, P())
+  arg_shardings = jax.tree.map(lambda _: replicated, arg_shapes)
+  arg_shardings = (NamedSharding(mesh, P(axes or None)), *arg_shardings[1:])
+  lower = functools.partial(_estimate, plan=plan, key_impl=key_impl, axes=axes)
+  return mesh, lower, replicated, arg_shardings
+
+
+def _replicated_result(plan, key_impl, mesh, arg_shapes, result_shape):
+  del plan, key_impl, arg_shapes, result_shape
+  return NamedSharding(mesh, P())
+
+
+_estimate_jit = jax.jit(_estimate, static_argnames=("plan", "key_impl", "axes"))
+
+
+def _unpartitioned(inputs, k, key_data, plan, key_impl):
+  return _estimate_jit(inputs, k, key_data, plan=plan, key_impl=key_impl,
+                       axes=())
+
+
+@functools.cache
+def _partitioned(input_rank: int, with_key: bool) -> Callable[..., jax.Array]:
+  """The estimator, partitioned over a batch-sharded input by XLA.
+
+  Under automatic sharding the input's sharding is not known while tracing;
+  custom partitioning lets the partitioner report it and take `_partition`'s
+  per-device lowering. Unsharded, it runs the estimator as is.
+  """
+  fn = custom_partitioning(_unpartitioned, static_argnums=(3, 4))
+  dims = " ".join(f"i{a}" for a in range(input_rank))
+  out = " ".join(f"o{a}" for a in range(input_rank - 2))
+  rule = f"{dims}, {', k0' if with_key else ''} -> {out}"
+  fn.def_partition(
+      partition=_partition,
+      infer_sharding_from_operands=_replicated_result,
+      sharding_rule=rule,
+  )
+  return fn
+
+
+def _one_by_one(call: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """`call`, which `jax.vmap` maps over the mapped arguments in turn.
+
+  Custom partitioning has no batching rule; stacked inputs (one per layer of
+  a scanned model) are estimated one after another, which also keeps one set
+  of count tables alive at a time.
+  """
+  mapped = custom_vmap(call)
+
+  @mapped.def_vmap
+  def rule(axis_size, in_batched, *args):
+    del axis_size
+
+    def one(example):
+      return mapped(*[e if b else a
+                      for a, e, b in zip(args, example, in_batched)])
+
+    return jax.lax.map(one, [a if b else None
+                             for a, b in zip(args, in_batched)]), True
+
+  return mapped
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "key_impl"))
+def _run(inputs, k, key_data, plan, key_impl):
+  # A jit around the partitioned call, so eager calls compile once per plan.
+  estimator = _partitioned(inputs.ndim, key_data is not None)
+  call = _one_by_one(lambda *args: estimator(*args, plan, key_impl))
+  mesh = jax.typeof(inputs).sharding.mesh
+  if jax.sharding.AxisType.Explicit in mesh.axis_types:
+    # Explicit axes would put the sharding in the estimator's types, which a
+    # loop over the batch cannot carry; the partitioner still sees it.
+    call = jax.sharding.auto_axes(call, out_sharding=NamedSharding(mesh, P()))
+  return call(inputs, k, key_data)
+
+
+def _check_kernel_size(kernel_size: Any, rank: int) -> tuple[int, ...]:
+  sizes = _geometry.as_sizes(kernel_size, rank, "kernel_size", minimum=1)
+  if not isinstance(kernel_size, (Sequence, np.ndarray)):
+    raise ValueError(
+        f"kernel_size must give one size per spatial axis ({rank}), got "
+        f"{kernel_size!r}."
+    )
+  if any(s % 2 == 0 for s in sizes):
+    raise ValueError(
+        f"kernel_size {sizes} has an even size: the dependence matrix needs "
+        "a centre tap, so only odd kernel sizes are supported."
+    )
+  if max(sizes) < 3:
+    raise ValueError(
+        f"kernel_size {sizes} is not eligible: a window of one tap has no "
+        "neighbourhood (at least one axis must be 3 or more)."
+    )
+  return sizes
+
+
+def _concrete_k(k: Any) -> float:
+  if isinstance(k, jax.core.Tracer):
+    raise ValueError(
+        "k must be a concrete number, got a traced value: under jax.jit pass "
+        "it as a static argument, e.g. jax.jit(refresh_scalings, "
+        "static_argnames=('k', 'diagonal_removal'))."
+    )
+  dtype = getattr(k, "dtype", None)
+  number = isinstance(k, numbers.Real) or (
+      dtype is not None and np.ndim(k) == 0
+      and jnp.issubdtype(dtype, jnp.number))
+  if isinstance(k, (bool, np.bool_)) or not number:
+    raise ValueError(f"k must be a positive number, got {k!r}.")
+  value = float(k)
+  if not value > 0:  # NaN included
+    raise ValueError(f"k must be positive, got {k!r}.")
+  return value
+
+
+def _concrete_flag(flag: Any, name: str) -> bool:
+  if isinstance(flag, jax.core.Tracer):
+    raise ValueError(
+        f"{name} must be a concrete bool, got a traced value: under jax.jit "
+        "pass it as a static argument, e.g. jax.jit(refresh_scalings, "
+        "static_argnames=('k', 'diagonal_removal'))."
+    )
+  return bool(flag)
+
+
+def _make_plan(
+    shape: tuple[int, ...], kernel_size: Any, padding: Any, strides: Any,
+    dilation: Any, padding_mode: str, diagonal_removal: bool,
+    subsample: int | None,
+) -> _Plan:
+  """Checks the geometry and fixes every static quantity of the estimate."""
+  if len(shape) not in (3, 4, 5):
+    raise ValueError(
+        "inputs must be channels-last (N, *spatial, C) with 1, 2 or 3 spatial "
+        f"axes (rank 3, 4 or 5), got shape {shape}."
+    )
+  spatial = tuple(shape[1:-1])
+  kernel_size = _check_kernel_size(kernel_size, len(spatial))
+  dilation = _geometry.as_sizes(dilation, len(spatial), "dilation", minimum=1)
+  pads, mode = _geometry.explicit_pads(
+      padding, spatial_shape=spatial, kernel_size=kernel_size,
+      strides=strides, dilation=dilation, padding_mode=padding_mode,
+  )
+  taps = _displacements(kernel_size)
+  plan = _Plan(
+      kernel_size, shape[0], spatial, pads, mode, taps,
+      tuple(tuple(t * d for t, d in zip(tap, dilation)) for tap in taps),
+      diagonal_removal, subsample,
+  )
+  if shape[0] * math.prod(plan.padded) > _MAX_SAMPLES:
+    raise ValueError(
+        f"{shape[0] * math.prod(plan.padded)} padded pixels per channel "
+        "overflow int32 counts: pass fewer images."
+    )
+  if subsample is not None and not any(plan.sampled(j) for j in plan.live):
+    # No displacement would be sampled: share the full-data compile.
+    plan = plan._replace(subsample=None)
+  return plan
+
+
+def _check_subsample(subsample: Any, key: Any) -> None:
+  if subsample is None:
+    return
+  if isinstance(subsample, (bool, np.bool_)) or not isinstance(
+      subsample, (int, np.integer)
+  ):
+    raise ValueError(f"subsample must be an int or None, got {subsample!r}.")
+  if subsample < 1:
+    raise ValueError(f"subsample must be positive, got {subsample}.")
+  if key is None:
+    raise ValueError("subsample needs a PRNG key: pass key=.")
+
+
+def _split_key(key: jax.Array | None) -> tuple[jax.Array | None, str | None]:
+  """Raw key bits and the PRNG implementation's name, for any key."""
+  if key is None:
+    return None, None
+  key = jnp.asarray(key)
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)  # a raw key: the default PRNG
+  return jax.random.key_data(key), jax.random.key_impl(key)
 
 
 def spatial_dependence(
     inputs: jax.Array,
     kernel_size: Sequence[int] = (3, 3),
     *,
-    padding: PaddingLike = "SAME",
+    padding: _geometry.PaddingLike = "SAME",
     k: float = 5.0,
     diagonal_removal: bool = False,
-    strides: int | Sequence[int] = (1, 1),
-    dilation: int | Sequence[int] = (1, 1),
+    strides: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
     padding_mode: str = "zeros",
     subsample: int | None = None,
     key: jax.Array | None = None,
 ) -> jax.Array:
   r"""Channel-averaged spatial dependence of a conv layer's input.
 
-  For each displacement ``(dx, dy)`` of the kernel window (one of each
-  ``+/-`` pair), ``X`` is every pixel of the padded input and ``Y`` its
-  neighbour at ``(i + dx, j + dy)``, pooled over the batch and space per
-  channel. The joint histogram has ``1 + ceil(log2(n))`` bins per axis
-  (Sturges, ``n`` the displacement's pair count
-  ``N * (Hp - |dx|) * (Wp - |dy|)``) over each variable's ``[min, max]`` with
-  the max in the last bin. With entropies in bits,
-  ``NMI = (H_X + H_Y - H_XY) / H_XY`` is sharpened to
-  ``k * NMI / ((k - 1) * NMI + 1)``, written at ``[r + dx, r + dy]`` and its
-  mirror, and averaged over channels skipping NaN. The centre is 1.
+  For each displacement ``u`` of the kernel window (one of each ``+/-`` pair,
+  ``r = (k - 1) / 2`` taps each way per axis), ``X`` is every pixel of the
+  padded input and ``Y`` its neighbour at ``i + u``, pooled over the batch
+  and space per channel. The joint histogram has ``1 + ceil(log2(n))`` bins
+  per axis (Sturges, ``n`` the displacement's pair count
+  ``N * prod(P_a - |u_a|)`` on the padded map) over each variable's
+  ``[min, max]`` with the max in the last bin; padding zeros are counted.
+  With entropies in bits, ``NMI = (H_X + H_Y - H_XY) / H_XY`` is sharpened to
+  ``k * NMI / ((k - 1) * NMI + 1)``, written at ``r + u`` and at its mirror
+  ``r - u``, and averaged over channels skipping NaN. The centre is 1.
 
-  The statistics ignore ``strides`` (as the official code does), which only
-  serve to compute ``"SAME"`` pads. With ``dilation`` the displacements are
-  those of the dilated taps: entry ``[r + a, r + b]`` pairs pixels
-  ``(a * dilation[0], b * dilation[1])`` apart, the pixels that tap actually
-  sees relative to the centre tap.
+  Works for 1, 2 or 3 spatial axes. A window may be 1 along some axes (a
+  ``(1, 3, 3)`` or ``(3, 1)`` kernel), which then have no displacement along
+  them, but must be at least 3 along one; sizes must be odd. The statistics
+  ignore ``strides`` (as the official code does), which only serve to compute
+  ``"SAME"`` pads. With ``dilation`` the displacements are those of the
+  dilated taps: entry ``r + u`` pairs pixels ``u * dilation`` apart, the
+  pixels that tap actually sees relative to the centre tap.
 
-  Call it eagerly (it is jitted inside) or under ``jax.jit`` with
-  ``kernel_size``, ``padding``, ``diagonal_removal``, ``strides``,
-  ``dilation``, ``padding_mode`` and ``subsample`` static.
+  The cost is one scatter-add per pair, so it grows with the number of
+  displacements (4 for 3x3, 84 for 13x13, 15 for a 31-tap 1-D window);
+  tables are held for bounded groups of displacements, so memory does not.
+  On inputs sharded over the batch (any mesh, automatic or explicit axes)
+  each device counts its own images and only the count tables are reduced
+  across devices; the result is the same as on one device.
+
+  Call it eagerly (it is jitted inside) or under ``jax.jit`` with every
+  argument but ``inputs`` and ``key`` static; ``k`` and ``diagonal_removal``
+  must be concrete.
 
   Args:
-    inputs: the conv's input, NHWC, unpadded. Any float dtype; the statistics
-      are computed in float32.
-    kernel_size: odd ``(kh, kw)``, both at least 3. Rows of the result follow
-      the H offsets, columns the W offsets.
-    padding: the conv's own padding: ``"SAME"``, ``"SAME_LOWER"`` or
-      ``"VALID"`` (converted with :func:`jax.lax.padtype_to_pads`, using
-      ``strides`` and the dilated kernel size, exactly as lax pads the conv);
-      an int or explicit ``((top, bottom), (left, right))`` pairs; or Flax's
-      ``"CIRCULAR"`` / ``"REFLECT"``, which pad like the Flax conv does
-      (``((k_eff - 1) // 2, k_eff // 2)`` per dim, whatever the stride) and
-      imply the matching ``padding_mode``.
-    k: the sharpening constant (5 in the paper).
+    inputs: the conv's input, channels-last ``(N, *spatial, C)`` with 1, 2 or
+      3 spatial axes, unpadded. Any float dtype; the statistics are computed
+      in float32.
+    kernel_size: odd sizes, one per spatial axis (for 2-D ``(kh, kw)``: rows
+      of the result follow the H offsets, columns the W offsets).
+    padding: the conv's own padding, resolved by the rules of
+      ``sgs_optax._geometry.explicit_pads``: ``"SAME"``, ``"SAME_LOWER"`` or
+      ``"VALID"`` (as lax pads the conv, with ``strides`` and the dilated
+      kernel); Flax's ``"CIRCULAR"``, ``"REFLECT"`` (``((k_eff - 1) // 2,
+      k_eff // 2)`` per axis, and the matching fill) or ``"CAUSAL"`` (1-D);
+      an int, or an int or a ``(lo, hi)`` pair per spatial axis.
+    k: the sharpening constant (5 in the paper), a concrete positive number.
     diagonal_removal: keep only pairs where both values are non-zero, bin them
       with a data-dependent Sturges count over their own ranges, and zero the
       diagonal of the joint histogram before the entropies. An entry with no
       pair left, or an undefined NMI, is 0.
-    strides: the conv's strides; only used for ``"SAME"`` pads.
-    dilation: the conv's kernel dilation.
+    strides: the conv's strides (an int or one per axis); only used for
+      ``"SAME"`` pads.
+    dilation: the conv's kernel dilation (an int or one per axis).
     padding_mode: the fill of the padding: ``"zeros"``, ``"circular"``
       (wrap-around, as Flax ``CIRCULAR``) or ``"reflect"`` (as Flax
       ``REFLECT``). The padded values are part of the statistics.
     subsample: if an int, each displacement's histogram counts that many
       pairs drawn uniformly (with replacement) with ``key`` instead of all
       of them. Ranges and the bin count stay those of the full data, so only
-      the counts are estimated. The plug-in entropies of a sample are biased
-      (the more so the more bins per pair): on VGG-like inputs the matrix
-      moves by about 2e-2 at 16k pairs, 1e-2 at 64k and 3e-3 at 256k. A
+      the counts are estimated, and the plug-in entropies of a sample are
+      biased (the more so the more bins per pair): see
+      ``benchmarks/mi_speed.py`` for the accuracy against speed. A
       displacement with fewer than ``4 * subsample`` pairs counts them all
       (faster than gathering the sample, and exact). ``None`` (the default)
       uses every pair.
     key: a JAX PRNG key, required with ``subsample``; the result is
-      deterministic given the key.
+      deterministic given the key, and the same on any number of devices.
 
   Returns:
-    A float32 ``(kh, kw)`` array with centre 1. An entry that is undefined for
-    every channel (for example every channel constant, or a displacement
-    with no pair) is NaN; any NaN or inf in ``inputs`` makes every entry NaN.
+    A float32 array of shape ``kernel_size`` with centre 1, symmetric under
+    ``u -> -u``. An entry that is undefined for every channel (for example
+    every channel constant, or a displacement with no pair) is NaN; any NaN
+    or inf in ``inputs`` makes every entry NaN.
 
   Raises:
-    ValueError: for inputs that are not rank 4, a kernel size that is even or
-      smaller than 3 in a dim, a bad padding spec or padding mode, bad strides
-      or dilation, a non-positive ``k``, ``subsample`` without ``key``, or
-      more than 2**31 - 1 padded pixels per channel. Raised while tracing.
+    ValueError: for inputs that are not rank 3, 4 or 5, a kernel size of the
+      wrong length, even, or of one tap, a bad padding spec or padding mode,
+      bad strides or dilation, a non-positive or traced ``k``, a traced
+      ``diagonal_removal``, ``subsample`` without ``key``, or more than
+      2**31 - 1 padded pixels per channel. Raised while tracing.
 
   Examples:
     >>> import jax
@@ -675,86 +1055,57 @@ def spatial_dependence(
     >>> d.shape, float(d[1, 1])
     ((3, 3), 1.0)
     >>> s = sgs_optax.dependence_to_scaling(d)  # mean 1: an SGS matrix
+    >>> seq = jax.nn.relu(jax.random.normal(jax.random.key(1), (4, 64, 8)))
+    >>> sgs_optax.spatial_dependence(seq, (5,), padding="CAUSAL").shape
+    (5,)
 
   References:
     Detkov et al., `Reparameterization through Spatial Gradient Scaling
     <https://arxiv.org/abs/2303.02733>`_, ICLR 2023
   """
-  if jnp.ndim(inputs) != 4:
-    raise ValueError(
-        f"inputs must be NHWC (rank 4), got shape {jnp.shape(inputs)}."
-    )
   if not jnp.issubdtype(jnp.result_type(inputs), jnp.floating):
     inputs = jnp.asarray(inputs, jnp.float32)
-  kernel_size = _check_kernel_size(kernel_size)
-  strides = _as_pair(strides, "strides")
-  dilation = _as_pair(dilation, "dilation")
-  if min(strides) < 1 or min(dilation) < 1:
-    raise ValueError(
-        f"strides and dilation must be positive, got {strides}, {dilation}."
-    )
-  dilated = tuple((kk - 1) * d + 1 for kk, d in zip(kernel_size, dilation))
-  pads, pad_mode = _resolve_padding(
-      padding, padding_mode, tuple(jnp.shape(inputs)[1:3]), dilated, strides
+  k = _concrete_k(k)
+  diagonal_removal = _concrete_flag(diagonal_removal, "diagonal_removal")
+  _check_subsample(subsample, key)
+  plan = _make_plan(
+      tuple(jnp.shape(inputs)), kernel_size, padding, strides, dilation,
+      padding_mode, diagonal_removal,
+      None if subsample is None else int(subsample),
   )
-  if isinstance(k, (int, float)) and not k > 0:
-    raise ValueError(f"k must be positive, got {k!r}.")
-  n, h, w, _ = jnp.shape(inputs)
-  hp, wp = h + sum(pads[0]), w + sum(pads[1])
-  if n * hp * wp > _MAX_SAMPLES:
-    raise ValueError(
-        f"{n * hp * wp} padded pixels per channel overflow int32 counts: "
-        "pass fewer images."
-    )
-  if subsample is not None:
-    if isinstance(subsample, bool) or not isinstance(subsample, int):
-      raise ValueError(f"subsample must be an int or None, got {subsample!r}.")
-    if subsample < 1:
-      raise ValueError(f"subsample must be positive, got {subsample}.")
-    if key is None:
-      raise ValueError("subsample needs a PRNG key: pass key=.")
-    largest = max(
-        _crop(dx * dilation[0], dy * dilation[1], hp, wp).count_per_image
-        for dx, dy in _displacements(kernel_size)
-    )
-    if subsample * _GATHER_COST >= n * largest:
-      # No displacement would be sampled: share the full-data compile.
-      subsample = None
-  return _dependence_impl(
-      _replicate_if_explicitly_sharded(inputs),
-      jnp.asarray(k, jnp.float32),
-      key if subsample is not None else None,
-      kernel_size=kernel_size,
-      pads=pads,
-      pad_mode=pad_mode,
-      dilation=dilation,
-      diagonal_removal=bool(diagonal_removal),
-      subsample=subsample,
-      chunk_elements=_CHUNK_ELEMENTS,
-  )
+  key_data, key_impl = _split_key(key if plan.subsample else None)
+  return _run(inputs, jnp.float32(k), key_data, plan=plan, key_impl=key_impl)
 
 
-def dependence_to_scaling(dependence: jax.Array) -> jax.Array:
+def dependence_to_scaling(
+    dependence: jax.Array, ndim: int | None = None
+) -> jax.Array:
   """Normalises a dependence matrix to mean 1: ``S = D / mean(D)``.
 
   Args:
-    dependence: a ``(..., kh, kw)`` dependence matrix, e.g. from
-      :func:`spatial_dependence`.
+    dependence: a dependence array of a kernel's spatial shape, e.g. from
+      :func:`spatial_dependence`, or a stack of them.
+    ndim: how many trailing axes form one matrix (the kernel's spatial
+      rank); ``None`` (the default) takes every axis as one matrix.
 
   Returns:
-    The gradient scaling, same shape, mean 1 over the last two axes. A NaN in
-    ``dependence`` gives NaN (callers keep their previous scaling then).
+    The gradient scaling, same shape, mean 1 over each matrix. A NaN in a
+    matrix gives NaN (callers keep their previous scaling then).
 
   Raises:
-    ValueError: if ``dependence`` has fewer than two dims.
+    ValueError: if ``dependence`` is a scalar or has fewer than ``ndim``
+      axes, or ``ndim`` is not positive.
 
   References:
     Detkov et al., `Reparameterization through Spatial Gradient Scaling
     <https://arxiv.org/abs/2303.02733>`_, ICLR 2023
   """
-  if jnp.ndim(dependence) < 2:
+  rank = jnp.ndim(dependence)
+  ndim = rank if ndim is None else ndim
+  if rank < 1 or not 1 <= ndim <= rank:
     raise ValueError(
-        "dependence must have at least two dims (kh, kw), got shape "
-        f"{jnp.shape(dependence)}."
+        f"dependence of shape {jnp.shape(dependence)} has no {ndim} trailing "
+        "kernel axes to normalise over."
     )
-  return dependence / jnp.mean(dependence, axis=(-2, -1), keepdims=True)
+  axes = tuple(range(rank - ndim, rank))
+  return dependence / jnp.mean(dependence, axis=axes, keepdims=True)

@@ -189,7 +189,7 @@ def _dependence_of(records: Sequence[ConvInput], size, *, k,
     d = _dependence.spatial_dependence(
         record.inputs, size, padding=record.padding, k=k,
         diagonal_removal=diagonal_removal,
-        dilation=record.dilation or (1,) * len(size),
+        dilation=record.dilation or 1,
         padding_mode=record.padding_mode)
     pixels = int(np.prod(np.shape(record.inputs)[:-1]))
     total, weight = total + pixels * d, weight + pixels

@@ -6,38 +6,44 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import sgs_optax
 from benchmarks import _models
 from benchmarks import _train
 from benchmarks import compare
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  out_dir = tmp_path_factory.mktemp("compare")
-  out, png = out_dir / "results.json", out_dir / "results.png"
+@pytest.mark.slow
+def test_tiny_run_of_every_method(tmp_path):
+  """One run checked from every side (one test: the run is the cost)."""
+  out, png = tmp_path / "results.json", tmp_path / "results.png"
   results = compare.main(
       ["--tiny", "--seeds", "2", "--out", str(out), "--plot", str(png)])
-  return results, out, png
+  _check_written(results, out, png)
+  _check_every_method(results)
+  _check_lr_and_paired_differences(results)
+  _check_merged_equals_branched(results)
+  _check_branched_baseline_starts_where_sgs_starts(results)
 
 
-@pytest.mark.slow
-def test_tiny_run_writes_json_and_png(tiny_run):
-  results, out, png = tiny_run
+def _check_written(results, out, png):
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   written = json.loads(out.read_text())
   assert written["settings"]["tiny"] is True
+  assert written["settings"]["tune"] is False  # --tiny never tunes unasked.
   assert written["settings"]["seeds"] == 2
   assert written["settings"]["dataset"] == "digits"
   assert [m["method"] for m in written["methods"]] == [
       m["method"] for m in results["methods"]]
-  assert "final test acc" in written["table"]
+  assert "paired diff" in written["table"]
+  assert written["verdict"].startswith("Verdict")
+  assert written["throughput"]["accelerator_throughput"].startswith(
+      "unmeasured")
 
 
-@pytest.mark.slow
-def test_tiny_run_covers_every_method(tiny_run):
-  results, _, _ = tiny_run
+def _check_every_method(results):
   ran = [m["method"] for m in results["methods"]]
   assert ran == list(compare.METHODS)
   epochs = results["settings"]["epochs"]
@@ -58,23 +64,30 @@ def test_tiny_run_covers_every_method(tiny_run):
       assert record["refresh_compilations"] <= 1
 
 
-@pytest.mark.slow
-def test_tiny_run_seeds_are_paired_and_reproducible(tiny_run):
-  results, _, _ = tiny_run
-  sgd = next(m for m in results["methods"] if m["method"] == "sgd")
-  again = compare.main(["--tiny", "--seeds", "2", "--methods", "sgd",
-                        "--no-progress"])
-  np.testing.assert_array_equal(
-      [r["test_accuracy"] for r in sgd["runs"]],
-      [r["test_accuracy"] for r in again["methods"][0]["runs"]])
-  np.testing.assert_array_equal(
-      [r["train_loss"] for r in sgd["runs"]],
-      [r["train_loss"] for r in again["methods"][0]["runs"]])
+def _check_lr_and_paired_differences(results):
+  by_name = {m["method"]: m for m in results["methods"]}
+  settings = results["settings"]
+  for record in results["methods"]:
+    family_lr = (settings["adamw_lr"] if record["method"].startswith("adamw")
+                 else settings["lr"])
+    assert record["lr"] == family_lr and record["tuning"] is None
+    if record["method"] in ("sgd", "adamw"):
+      assert "paired_difference" not in record
+      continue
+    diff = record["paired_difference"]
+    assert diff["baseline"] == (
+        "adamw" if record["method"] == "adamw+sgs" else "sgd")
+    base = by_name[diff["baseline"]]
+    # Recomputed here from the runs: seed by seed, in percentage points.
+    expected = [100 * (a["final_test_accuracy"] - b["final_test_accuracy"])
+                for a, b in zip(record["runs"], base["runs"])]
+    np.testing.assert_allclose(diff["per_seed"], expected, atol=1e-9)
+    assert diff["mean"] == pytest.approx(np.mean(expected))
+    lo, hi = diff["ci95"]
+    assert lo <= diff["mean"] <= hi
 
 
-@pytest.mark.slow
-def test_tiny_run_merged_model_equals_branched_model(tiny_run):
-  results, _, _ = tiny_run
+def _check_merged_equals_branched(results):
   branched = [m for m in results["methods"] if m["model_conv"] != "plain"]
   assert {m["method"] for m in branched} == {"acb-branched", "repvgg-branched"}
   for record in branched:
@@ -85,12 +98,88 @@ def test_tiny_run_merged_model_equals_branched_model(tiny_run):
           run["branched_final_test_accuracy"])
 
 
+def _check_branched_baseline_starts_where_sgs_starts(results):
+  """Same merged initial weights: ACB branches follow sgs("acb") (SGD)."""
+  by_name = {m["method"]: m for m in results["methods"]}
+  for preset in ("acb", "repvgg"):
+    for sgs_run, branched_run in zip(by_name[f"sgs-{preset}"]["runs"],
+                                     by_name[f"{preset}-branched"]["runs"]):
+      # Equal up to float32 rounding (an independent branched init differs
+      # from the first epoch by far more).
+      np.testing.assert_allclose(branched_run["train_loss"],
+                                 sgs_run["train_loss"], rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_runs_are_reproducible():
+  argv = ["--tiny", "--seeds", "2", "--methods", "sgd", "--no-progress",
+          "--out", ""]
+  first, again = compare.main(argv), compare.main(argv)
+  for key in ("test_accuracy", "train_loss"):
+    np.testing.assert_array_equal(
+        [r[key] for r in first["methods"][0]["runs"]],
+        [r[key] for r in again["methods"][0]["runs"]])
+
+
+@pytest.mark.slow
+def test_identical_methods_differ_by_exactly_zero(monkeypatch):
+  """Pairing: the same transform, seeds, batches and augmentation."""
+  monkeypatch.setitem(compare.METHODS, "sgd-twin",
+                      compare.Method("sgd-twin", compare.sgd_chain))
+  results = compare.main(["--tiny", "--seeds", "2", "--methods", "sgd-twin",
+                          "--augment", "on", "--no-progress", "--out", ""])
+  twin, sgd = results["methods"][::-1]
+  assert sgd["method"] == "sgd"  # the baseline was added automatically.
+  assert twin["paired_difference"]["per_seed"] == [0.0, 0.0]
+  assert twin["paired_difference"]["mean"] == 0.0
+  assert twin["paired_difference"]["ci95"] == [0.0, 0.0]
+  # Not a trivial zero: the seeds themselves differ.
+  runs = sgd["runs"]
+  assert runs[0]["train_loss"] != runs[1]["train_loss"]
+
+
+@pytest.mark.slow
+def test_tuning_picks_the_best_validation_lr(tmp_path):
+  results = compare.main([
+      "--tiny", "--tune", "--tune-grid", "3", "--tune-factor", "2",
+      "--methods", "sgd",
+      "--no-progress", "--out", str(tmp_path / "tuned.json"), "--plot", ""])
+  (record,) = results["methods"]
+  tuning = record["tuning"]
+  default = results["settings"]["lr"]
+  assert tuning["grid"] == pytest.approx([default / 2, default, default * 2])
+  assert [t["lr"] for t in tuning["trials"]] == tuning["grid"]
+  for trial in tuning["trials"]:
+    assert len(trial["val_accuracy"]) == 1  # --tune-seeds 1.
+    assert len(trial["val_curves"][0]) == results["settings"]["epochs"]
+  scores = [t["val_accuracy_mean"] for t in tuning["trials"]]
+  best = [lr for lr, s in zip(tuning["grid"], scores) if s == max(scores)]
+  nearest = min(best, key=lambda lr: (abs(math.log(lr / default)), lr))
+  assert tuning["chosen_lr"] == nearest == record["lr"]
+  # The validation split is carved from the training split (20% on digits).
+  train = results["settings"]["train_examples"]
+  assert tuning["val_examples"] == math.ceil(0.2 * train)
+  assert tuning["train_examples"] + tuning["val_examples"] == train
+  written = json.loads((tmp_path / "tuned.json").read_text())
+  assert written["methods"][0]["tuning"]["chosen_lr"] == record["lr"]
+
+
+@pytest.mark.slow
+def test_progress_bars_stay_off_a_redirected_stream(capsys):
+  """tqdm writes only to a terminal: a log file has no carriage returns."""
+  compare.main(["--tiny", "--methods", "sgd", "--out", ""])
+  captured = capsys.readouterr()
+  assert "\r" not in captured.err and "\r" not in captured.out
+  assert "final test acc" in captured.out
+
+
 @pytest.mark.slow
 def test_tiny_run_on_mock_cifar10_with_augmentation(tfds):
   """The tfds path end to end (offline: mock_data, download=False)."""
   with tfds.testing.mock_data(num_examples=8):
     results = compare.main(["--tiny", "--dataset", "cifar10", "--methods",
-                            "sgd", "--batch-size", "4", "--no-progress"])
+                            "sgd", "--batch-size", "4", "--no-progress",
+                            "--out", ""])
   assert results["settings"]["input_shape"] == [32, 32, 3]
   assert results["settings"]["steps_per_epoch"] == 2
   (record,) = results["methods"]
@@ -146,7 +235,7 @@ def test_merged_resnet_block_equals_branched_block(preset, size):
                              atol=1e-4 * float(jnp.abs(y_branched).max()))
 
 
-@pytest.mark.parametrize("name", ["small_vgg", "vgg11", "resnet18"])
+@pytest.mark.parametrize("name", ["small_vgg", "vgg11", "vgg16", "resnet18"])
 @pytest.mark.parametrize("preset", ["acb", "repvgg"])
 def test_merged_param_tree_is_the_plain_models(name, preset):
   """Full-size models, abstractly (no compilation): same tree, same shapes."""
@@ -166,7 +255,7 @@ def test_merged_param_tree_is_the_plain_models(name, preset):
       plain_vars["batch_stats"])
   n_branched = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(
       branched_vars["params"]) if path[-1].key == "kernel_1")
-  n_convs = {"small_vgg": 4, "vgg11": 8, "resnet18": 17}[name]
+  n_convs = {"small_vgg": 4, "vgg11": 8, "vgg16": 13, "resnet18": 17}[name]
   assert n_branched == n_convs  # every 3x3 conv, none of the 1x1 shortcuts.
 
 
@@ -176,8 +265,119 @@ def test_parse_args_defaults():
   assert args.seeds == 3 and args.methods == list(compare.METHODS)
   assert args.epochs == compare.DEFAULT_EPOCHS["digits"]
   assert args.lr == pytest.approx(0.1 * args.batch_size / 128)
+  assert args.tune is False and args.augment is False
+  assert args.out == "results/compare.json"
+  assert args.plot == "results/compare.png"
+  assert args.checkpoint_dir == "" and args.epoch_log == ""
   tiny = compare.parse_args(["--tiny", "--methods", "sgd, sgs-acb"])
   assert tiny.seeds == 1 and tiny.epochs == compare.TINY["epochs"]
-  assert tiny.methods == ["sgd", "sgs-acb"]
+  assert tiny.methods == ["sgd", "sgs-acb"] and tiny.tune is False
+  assert compare.parse_args(["--tiny", "--tune"]).tune is True
   with pytest.raises(SystemExit):
     compare.parse_args(["--methods", "sgd,nope"])
+
+
+def test_baselines_are_added_when_left_out():
+  assert compare.parse_args(["--methods", "cdg"]).methods == ["sgd", "cdg"]
+  assert compare.parse_args(["--methods", "adamw+sgs,sgs-acb"]).methods == [
+      "sgd", "adamw", "adamw+sgs", "sgs-acb"]
+  assert compare.parse_args(["--methods", "adamw"]).methods == ["adamw"]
+
+
+def test_branched_params_from_plain_merge_back_exactly():
+  rng = np.random.default_rng(0)
+
+  def normal(*shape):
+    return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+  plain = {"stem": {"kernel": normal(3, 3, 1, 4)},
+           "bn": {"scale": normal(4), "bias": normal(4)},
+           "block": {"conv": {"kernel": normal(5, 3, 4, 4)},
+                     "shortcut": {"kernel": normal(1, 1, 4, 4)}},
+           "head": {"kernel": normal(4, 10), "bias": normal(10)}}
+  for preset, count in (("acb", 3), ("repvgg", 2)):
+    branched = _models.branched_params_from_plain(plain, preset)
+    assert set(branched["stem"]) == {f"kernel_{i}" for i in range(count)}
+    assert set(branched["block"]["shortcut"]) == {"kernel"}  # 1x1 stays.
+    merged = _models.merge_branched_params(branched)
+    jax.tree.map(np.testing.assert_array_equal, merged, plain)
+
+
+def test_cosine_lr_matches_optax_schedule():
+  schedule = optax.cosine_decay_schedule(0.1, 10)
+  for step in (0, 1, 5, 9, 10, 13):
+    got = _train.cosine_lr(jnp.float32(0.1), jnp.int32(10), jnp.int32(step))
+    assert float(got) == pytest.approx(float(schedule(step)), abs=1e-7)
+
+
+def _reference_chain(name, lr, total, hyper):
+  """The method built the usual optax way, at learning rate ``lr``."""
+  cosine = optax.cosine_decay_schedule(lr, total)
+  sgd = [optax.add_decayed_weights(hyper.weight_decay),
+         optax.sgd(cosine, momentum=hyper.momentum)]
+  adamw = optax.adamw(cosine, weight_decay=hyper.adamw_weight_decay)
+  return {"sgd": optax.chain(*sgd),
+          "sgs-acb": optax.chain(sgs_optax.sgs("acb"), *sgd),
+          "cdg": optax.chain(sgs_optax.cdg(), *sgd),
+          "adamw": adamw,
+          "adamw+sgs": optax.chain(adamw, sgs_optax.sgs("acb"))}[name]
+
+
+@pytest.mark.parametrize("name", ["sgd", "sgs-acb", "cdg", "adamw",
+                                  "adamw+sgs"])
+def test_unit_lr_update_times_schedule_is_the_optax_update(name):
+  """Why one compiled step serves every lr: updates are linear in it."""
+  hyper = compare.Hyper()
+  lr, total = 0.3, 5
+  params = {"conv": {"kernel": jnp.linspace(-1, 1, 3 * 3 * 2 * 4).reshape(
+      3, 3, 2, 4)}, "bias": jnp.arange(4.0)}
+  reference = _reference_chain(name, lr, total, hyper)
+  unit = compare.METHODS[name].build(hyper)
+  ref_state, unit_state = reference.init(params), unit.init(params)
+  for step in range(total + 1):
+    grads = jax.tree.map(lambda p, s=step: jnp.cos(p * (s + 1)), params)
+    want, ref_state = reference.update(grads, ref_state, params)
+    got, unit_state = unit.update(grads, unit_state, params)
+    scale = _train.cosine_lr(jnp.float32(lr), jnp.int32(total),
+                             jnp.int32(step))
+    jax.tree.map(lambda g, w, c=scale: np.testing.assert_allclose(
+        c * g, w, rtol=2e-5, atol=1e-7), got, want)
+
+
+def test_batches_are_gathered_augmented_and_normalised_on_device():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (10, 6, 6, 3), dtype=np.uint8)
+  labels = np.arange(10, dtype=np.int32)
+  split = _train.preload(images, labels)
+  assert isinstance(split.images, jax.Array)
+  assert split.images.dtype == jnp.uint8  # stored as is: 4x less than f32.
+  norm = _train.normalization(images)
+  index = np.array([7, 2, 2, 9])
+  got, got_labels = jax.jit(_train.batch_inputs)(split, jnp.asarray(index),
+                                                 norm)
+  mean, std = images.reshape(-1, 3).mean(0), images.reshape(-1, 3).std(0)
+  np.testing.assert_allclose(got, (images[index] - mean) / std, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_array_equal(got_labels, index)
+  key = jax.random.key(3)
+  augmented, _ = jax.jit(_train.batch_inputs)(split, jnp.asarray(index),
+                                              norm, key)
+  raw = _train.random_crop_flip(key, jnp.asarray(images[index], jnp.float32))
+  np.testing.assert_allclose(augmented, (np.asarray(raw) - mean) / std,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_train_step_takes_the_whole_split_and_an_index():
+  """The step's inputs are the preloaded uint8 split and int32 indices."""
+  args = compare.parse_args(["--tiny", "--methods", "sgd", "--augment", "on"])
+  job = compare._setup(args)
+  trainer = compare._trainer(compare.METHODS["sgd"], job)
+  phase = job.phases["final"]
+  state = jax.eval_shape(lambda: trainer.init(  # abstract: nothing compiles.
+      trainer.init_variables(0, phase.train.images), lr=0.1, total_steps=9))
+  lowered = trainer.train_step.lower(
+      state, phase.train, jnp.arange(32), phase.norm, trainer.run_key(0),
+      jnp.int32(0))
+  text = lowered.as_text()
+  assert f"tensor<{phase.num_train}x8x8x1xui8>" in text
+  assert "tensor<32xi32>" in text

@@ -79,14 +79,59 @@ def test_tfds_data_source_with_mock_data(tfds, name, image_shape, n_classes):
 
 
 def test_tfds_missing_data_says_how_to_prepare(tfds, tmp_path):
-  with pytest.raises(FileNotFoundError) as info:
+  with pytest.raises(_data.MissingDataError) as info:
     _data.load_dataset("cifar10", data_dir=tmp_path)
   message = str(info.value)
-  assert "no prepared data" in message
+  assert f"not prepared in {tmp_path}" in message
   assert "tfds build cifar10 --file_format=array_record" in message
   assert 'file_format="array_record"' in message
   assert "TensorFlow" in message
+  assert isinstance(info.value, FileNotFoundError)
   assert list(tmp_path.iterdir()) == []  # nothing was written, or fetched.
+
+
+def test_load_raw_keeps_stored_pixels():
+  data = _data.load_raw("digits")
+  assert data.x_train.dtype == np.uint8 and data.max_value == 16
+  assert data.x_train.max() == 16
+  floats = _data.load_dataset("digits")
+  np.testing.assert_array_equal(floats[0], data.x_train / np.float32(16))
+
+
+def test_channel_stats_match_numpy():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (37, 5, 4, 3), dtype=np.uint8)
+  images[..., 2] = 7  # a constant channel gets std 1, not 0.
+  mean, std = _data.channel_stats(images, chunk=10)
+  as_float = images.astype(np.float64)
+  np.testing.assert_allclose(mean, as_float.mean((0, 1, 2)), rtol=1e-6)
+  np.testing.assert_allclose(std[:2], as_float.std((0, 1, 2))[:2], rtol=1e-5)
+  assert std[2] == 1.0
+
+
+def test_validation_split_is_disjoint_stratified_and_seeded():
+  _, y_train, _, _ = _data.load_dataset("digits")
+  train, val = _data.validation_split(y_train, 0.2, seed=0)
+  assert len(np.intersect1d(train, val)) == 0
+  np.testing.assert_array_equal(np.sort(np.concatenate([train, val])),
+                                np.arange(len(y_train)))
+  assert len(val) == int(np.ceil(0.2 * len(y_train)))
+  per_class = np.bincount(y_train, minlength=10)
+  val_counts = np.bincount(y_train[val], minlength=10)
+  np.testing.assert_array_less(np.abs(val_counts - 0.2 * per_class), 1.0)
+  again = _data.validation_split(y_train, 0.2, seed=0)
+  np.testing.assert_array_equal(val, again[1])
+  other = _data.validation_split(y_train, 0.2, seed=1)
+  assert not np.array_equal(val, other[1])
+  with pytest.raises(ValueError, match="validation fraction"):
+    _data.validation_split(y_train, 1.0, seed=0)
+
+
+def test_validation_split_of_a_tiny_many_class_subset():
+  # 30 examples of 20 classes cannot be stratified: a plain random split.
+  labels = np.arange(30) % 20
+  train, val = _data.validation_split(labels, 0.1, seed=0)
+  assert len(val) == 3 and len(train) == 27
 
 
 def test_epoch_batches_are_seeded_permutations():

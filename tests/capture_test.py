@@ -188,25 +188,28 @@ def test_transposed_conv_input_is_recorded_with_inserted_zeros():
   assert record.kernel_size == (3, 3)
 
 
+class ScanLayer(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, _):
+    return nn.relu(nn.Conv(4, (3, 3), name="conv")(x)), None
+
+
+class ScanNet(nn.Module):
+  """A stem, then three conv layers under nn.scan (kernels (3, 3, 3, 4, 4))."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), name="stem")(x)
+    layers = nn.scan(ScanLayer, variable_axes={"params": 0},
+                     split_rngs={"params": True}, length=3)
+    return layers(name="layers")(x, None)[0]
+
+
 def test_nn_scan_gives_per_layer_inputs():
-  class Layer(nn.Module):
-
-    @nn.compact
-    def __call__(self, x, _):
-      return nn.relu(nn.Conv(4, (3, 3), name="conv")(x)), None
-
-  class Net(nn.Module):
-
-    @nn.compact
-    def __call__(self, x):
-      x = nn.Conv(4, (3, 3), name="stem")(x)
-      layers = nn.scan(Layer, variable_axes={"params": 0},
-                       split_rngs={"params": True}, length=3)
-      return layers(name="layers")(x, None)[0]
-
   x = jax.random.normal(jax.random.key(5), (2, 6, 6, 3))
-  variables = Net().init(jax.random.key(0), x)
-  captured = sgs_optax.capture_conv_inputs(Net(), variables, x)
+  variables = ScanNet().init(jax.random.key(0), x)
+  captured = sgs_optax.capture_conv_inputs(ScanNet(), variables, x)
   record = captured["layers"]["conv"]["kernel"]
   assert record.inputs.shape == (3, 2, 6, 6, 4)
   kernels = variables["params"]["layers"]["conv"]

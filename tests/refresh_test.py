@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import sgs_optax
+from capture_test import ScanNet
 
 
 class Net(nn.Module):
@@ -208,27 +209,12 @@ def test_calls_at_two_resolutions_are_weighted_by_their_pixels():
 
 
 def test_stacked_layers_get_one_matrix_each():
-  class Layer(nn.Module):
-
-    @nn.compact
-    def __call__(self, x, _):
-      return nn.relu(nn.Conv(4, (3, 3), name="conv")(x)), None
-
-  class Net(nn.Module):
-
-    @nn.compact
-    def __call__(self, x):
-      layers = nn.scan(Layer, variable_axes={"params": 0},
-                       split_rngs={"params": True}, length=3)
-      return layers(name="layers")(nn.Conv(4, (3, 3), name="stem")(x),
-                                   None)[0]
-
   x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 8, 8, 3)))
-  params = Net().init(jax.random.key(1), x)["params"]
+  params = ScanNet().init(jax.random.key(1), x)["params"]
   layout = lambda p: jax.tree.map(
       lambda a: {4: "HWIO", 5: "LHWIO"}.get(a.ndim), p)
   tx = optax.chain(sgs_optax.sgs(kernel_layout=layout), optax.sgd(0.1))
-  captured = sgs_optax.capture_conv_inputs(Net(), {"params": params}, x)
+  captured = sgs_optax.capture_conv_inputs(ScanNet(), {"params": params}, x)
   state = sgs_optax.refresh_scalings(tx.init(params), captured)
   got = np.asarray(sgs_optax.get_scalings(state)["layers"]["conv"]["kernel"])
   record = captured["layers"]["conv"]["kernel"]

@@ -1,4 +1,5 @@
-"""Sharded (8 simulated devices) and two-process training match one device.
+"""Sharded (8 simulated devices, explicit and automatic meshes) and
+two-process training match one device.
 
 Each configuration runs `examples.sharded_training` in a subprocess, so that
 XLA_FLAGS and jax.distributed are set up before jax is imported.
@@ -57,12 +58,13 @@ def single_device(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_eight_devices_match_one_and_keep_param_sharding(tmp_path,
-                                                         single_device):
-  out, process = run_example(tmp_path, "eight", devices=8)
-  assert "8 devices" in finish(process)
+@pytest.mark.parametrize("mesh", ["explicit", "auto"])
+def test_eight_devices_match_one_and_keep_every_sharding(tmp_path,
+                                                         single_device, mesh):
+  out, process = run_example(tmp_path, "eight", "--mesh", mesh, devices=8)
+  assert f"8 devices, {mesh} mesh" in finish(process)
   compare(single_device, out)
-  assert bool(np.load(out)["sharding_kept"])
+  assert bool(np.load(out)["sharding_kept"])  # params and optimizer state.
 
 
 def free_port():

@@ -1,0 +1,103 @@
+"""Tests of benchmarks/_stats.py against hand computations.
+
+The t quantiles are typed in from a printed table of Student's t
+distribution (two-sided 95%: df 1 12.706, df 2 4.303, df 4 2.776), not taken
+from scipy, so the interval code is checked against an independent source.
+"""
+
+import math
+
+import pytest
+
+from benchmarks import _stats
+
+T_TABLE_95 = {1: 12.706, 2: 4.303, 4: 2.776}
+
+
+def test_t_interval_by_hand_three_values():
+  # mean 7/3; deviations -4/3, -1/3, 5/3: s^2 = (16 + 1 + 25) / 9 / 2 = 7/3.
+  lo, hi = _stats.t_interval([1.0, 2.0, 4.0])
+  half = T_TABLE_95[2] * math.sqrt(7 / 3) / math.sqrt(3)
+  assert lo == pytest.approx(7 / 3 - half, abs=2e-3)
+  assert hi == pytest.approx(7 / 3 + half, abs=2e-3)
+  assert (lo + hi) / 2 == pytest.approx(7 / 3, rel=1e-12)
+
+
+def test_t_interval_by_hand_five_values():
+  values = [0.5, -0.25, 1.0, 0.75, 0.0]
+  # mean 0.4; squared deviations 0.01, 0.4225, 0.36, 0.1225, 0.16 -> 1.075.
+  s = math.sqrt(1.075 / 4)
+  lo, hi = _stats.t_interval(values)
+  half = T_TABLE_95[4] * s / math.sqrt(5)
+  assert lo == pytest.approx(0.4 - half, abs=1e-3)
+  assert hi == pytest.approx(0.4 + half, abs=1e-3)
+
+
+def test_t_interval_two_values_uses_one_degree_of_freedom():
+  lo, hi = _stats.t_interval([0.0, 2.0])  # mean 1, s = sqrt(2).
+  half = T_TABLE_95[1] * math.sqrt(2) / math.sqrt(2)
+  assert (lo, hi) == pytest.approx((1 - half, 1 + half), abs=2e-3)
+
+
+def test_t_interval_needs_two_values():
+  assert _stats.t_interval([0.3]) is None
+  assert _stats.t_interval([]) is None
+
+
+def test_paired_difference_in_percentage_points():
+  diff = _stats.paired_difference([0.90, 0.80, 0.75], [0.85, 0.80, 0.70],
+                                  "sgd")
+  assert diff.baseline == "sgd"
+  assert diff.differences == pytest.approx((5.0, 0.0, 5.0))
+  assert diff.mean == pytest.approx(10 / 3)
+  # s^2 = (25/9 + 100/9 + 25/9) / 2 = 25/3.
+  half = T_TABLE_95[2] * math.sqrt(25 / 3) / math.sqrt(3)
+  assert diff.ci95 == pytest.approx((10 / 3 - half, 10 / 3 + half), abs=1e-2)
+  assert diff.verdict() == "inconclusive"
+
+
+def test_identical_runs_differ_by_exactly_zero():
+  diff = _stats.paired_difference([0.9, 0.8], [0.9, 0.8], "sgd")
+  assert diff.mean == 0.0 and diff.ci95 == (0.0, 0.0)
+  assert diff.verdict() == "inconclusive"
+
+
+def test_one_seed_has_no_interval():
+  diff = _stats.paired_difference([0.9], [0.8], "adamw")
+  assert diff.mean == pytest.approx(10.0)
+  assert diff.ci95 is None
+  assert diff.verdict() == "n/a (1 seed)"
+  record = diff.to_json()
+  assert record["ci95"] is None and record["baseline"] == "adamw"
+
+
+@pytest.mark.parametrize("method, verdict", [
+    ([0.91, 0.81, 0.78], "better"),  # +1 pp every seed: interval ~(1, 1).
+    ([0.89, 0.79, 0.76], "worse"),
+    ([0.95, 0.75, 0.80], "inconclusive"),
+])
+def test_verdict_only_when_the_interval_excludes_zero(method, verdict):
+  diff = _stats.paired_difference(method, [0.90, 0.80, 0.77], "sgd")
+  assert diff.verdict() == verdict
+
+
+def test_paired_difference_needs_the_same_seeds():
+  with pytest.raises(ValueError, match="same seeds"):
+    _stats.paired_difference([0.9, 0.8], [0.9], "sgd")
+
+
+def test_lr_grid_is_log_spaced_around_the_default():
+  assert _stats.lr_grid(0.05, 5, 2.0) == pytest.approx(
+      [0.0125, 0.025, 0.05, 0.1, 0.2])
+  assert _stats.lr_grid(1e-3, 3, 10.0) == pytest.approx([1e-4, 1e-3, 1e-2])
+
+
+def test_pick_lr_best_then_nearest_default_then_smaller():
+  grid = [0.0125, 0.025, 0.05, 0.1, 0.2]
+  assert _stats.pick_lr(grid, [0.1, 0.2, 0.3, 0.4, 0.35], 0.05) == 0.1
+  # A tie between 0.025 and 0.2: 0.025 is nearer 0.05 (log distance).
+  assert _stats.pick_lr(grid, [0.1, 0.5, 0.3, 0.4, 0.5], 0.05) == 0.025
+  # A tie at equal log distance (0.025 and 0.1): the smaller.
+  assert _stats.pick_lr(grid, [0.1, 0.5, 0.3, 0.5, 0.2], 0.05) == 0.025
+  # The default wins every tie it is in.
+  assert _stats.pick_lr(grid, [0.5] * 5, 0.05) == 0.05
