@@ -312,7 +312,7 @@ class NDNet(nn.Module):
     s = nn.relu(nn.Conv(4, (9,), name="c1a")(seq))
     s = nn.Conv(4, (5,), strides=2, name="c1b")(s)
     v = nn.relu(nn.Conv(3, (3, 3, 3), name="c3a")(vol))
-    v = nn.Conv(2, (3, 1, 3), strides=2, name="c3b")(v)
+    v = nn.Conv(2, (3, 1, 5), strides=2, name="c3b")(v)
     return s.mean(axis=1).sum(-1) + v.mean(axis=(1, 2, 3)).sum(-1)
 
 
@@ -337,7 +337,7 @@ def test_one_d_and_three_d_flax_convs_are_captured():
   expected = {"c1a": (seq, ((4, 4),), (9,)),
               "c1b": (hidden_seq, ((1, 2),), (5,)),
               "c3a": (vol, ((1, 1),) * 3, (3, 3, 3)),
-              "c3b": (hidden_vol, ((0, 1), (0, 0), (0, 1)), (3, 1, 3))}
+              "c3b": (hidden_vol, ((0, 1), (0, 0), (1, 2)), (3, 1, 5))}
   for name, (inputs, pads, size) in expected.items():
     record = captured[name]["kernel"]
     np.testing.assert_allclose(record.inputs, inputs, rtol=1e-5, atol=1e-6)
@@ -346,5 +346,5 @@ def test_one_d_and_three_d_flax_convs_are_captured():
   # lax's own SAME pads, for the strided layers.
   assert tuple(jax.lax.padtype_to_pads((16,), (5,), (2,), "SAME")) == ((1, 2),)
   assert tuple(map(tuple, jax.lax.padtype_to_pads(
-      (6, 5, 4), (3, 1, 3), (2, 2, 2), "SAME"))) == ((0, 1), (0, 0), (0, 1))
+      (6, 5, 4), (3, 1, 5), (2, 2, 2), "SAME"))) == ((0, 1), (0, 0), (1, 2))
   assert captured["c1a"]["bias"] is None
