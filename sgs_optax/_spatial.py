@@ -172,33 +172,40 @@ def _check_matrix(name: str, matrix: Any) -> None:
     )
 
 
-def _readings(info: KernelInfo, channels: int) -> list[tuple[tuple, str]]:
+class _Reading(NamedTuple):
+  """One way a matrix's shape can fit a kernel."""
+
+  shape: tuple[int, ...]
+  meaning: str
+  stacked: bool  # a leading axis of one matrix per stacked layer.
+
+
+def _readings(info: KernelInfo, channels: int) -> list[_Reading]:
   """Every shape a matrix may take for a kernel, with what it then means."""
   size, layers = info.size, info.layers
-  out = [(size, f"its {len(size)}-D matrix"),
-         ((*size, channels), "one matrix per output channel")]
+  out = [_Reading(size, f"its {len(size)}-D matrix", False),
+         _Reading((*size, channels), "one matrix per output channel", False)]
   if layers is not None:
-    out += [((layers, *size), "one matrix per stacked layer"),
-            ((layers, *size, channels),
-             "one matrix per stacked layer and output channel")]
+    out += [_Reading((layers, *size), "one matrix per stacked layer", True),
+            _Reading((layers, *size, channels),
+                     "one matrix per stacked layer and output channel", True)]
   return out
 
 
 def _reading(name: str, shape: tuple[int, ...], info: KernelInfo,
-             channels: int) -> str | None:
+             channels: int) -> _Reading | None:
   """How a matrix of ``shape`` is read for a kernel, or None if it fits not.
 
   Raises:
     ValueError: if the shape fits the kernel in two ways.
   """
-  fits = [meaning for s, meaning in _readings(info, channels)
-          if s == tuple(shape)]
+  fits = [r for r in _readings(info, channels) if r.shape == tuple(shape)]
   if len(fits) > 1:
     raise ValueError(
         f"scaling of shape {tuple(shape)} is ambiguous for {name} (kernel "
         f"size {info.size}, {channels} output channels, {info.layers} "
-        f"stacked layers): it could be {' or '.join(fits)}. Pass the "
-        "matrix with every axis, (layers, *size, C_out)."
+        f"stacked layers): it could be {' or '.join(r.meaning for r in fits)}"
+        ". Pass the matrix with every axis, (layers, *size, C_out)."
     )
   return fits[0] if fits else None
 
@@ -291,7 +298,7 @@ def _as_state_matrix(name: str, matrix: Any, kernel: Any, layout: str,
   dtype = jnp.promote_types(jnp.float32, kernel.dtype)
   reading = _reading(name, np.shape(matrix), info, channels)
   matrix = jnp.asarray(matrix, dtype)
-  lead = int("stacked" in reading)
+  lead = int(reading.stacked)
   if normalize:
     spatial = tuple(range(lead, lead + len(info.size)))
     mean = jnp.mean(matrix, axis=spatial, keepdims=True)
@@ -334,7 +341,7 @@ def _single_array_targets(shape: tuple[int, ...], params: Any,
       info, channels = _kernel_facts(kernel, layout)
       reading = _reading(name, shape, info, channels)
       if reading is not None:
-        fits[name] = (len(info.size), reading)
+        fits[name] = (len(info.size), reading.meaning)
       elif _is_size_prefix(shape, info):
         near[name] = (len(info.size), _fit_error(name, shape, info, channels))
 
@@ -412,9 +419,7 @@ def _scale_by_table(spec: _Spec, learned: bool,
       return SpatialScalingState(scalings=jnp.zeros((0,), jnp.float32))
     layouts = _kernels.resolve_layouts(params, kernel_layout)
     given = _given_tree(spec, params, layouts)
-    matrices, kernels = {}, {}
-
-    skipped = {}
+    matrices, kernels, skipped = {}, {}, {}
 
     def add(name, layout, kernel, given_matrix):
       matrix, reason = _starting_matrix(spec, name, kernel, layout,
