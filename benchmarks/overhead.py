@@ -81,7 +81,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -251,158 +251,188 @@ def _log(message: str) -> None:
 # -- part 1 ------------------------------------------------------------------
 
 
-def run_model(name: str, args, methods: Sequence[Method]) -> dict[str, Any]:
-  """Compiles, measures memory and times every method of one model."""
-  start = time.perf_counter()
+class _Inputs(NamedTuple):
+  """The synthetic data every method of a model is timed on."""
+
+  images: jax.Array
+  phase: Any  # the train batch, on the device.
+  refresh_phase: Any  # the refresh images, on the device.
+  step_args: tuple  # train_step's arguments after the state.
+
+
+def _inputs(args) -> _Inputs:
   rng = np.random.default_rng(0)
   batch = args.batch_size
   images = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, args.num_classes, batch), jnp.int32)
   refresh_images = jnp.asarray(
       rng.normal(size=(args.refresh_images, 32, 32, 3)), jnp.float32)
-  hyper = _hyper(batch)
   phase = _on_device(images, labels)
   refresh_phase = _on_device(refresh_images,
                              jnp.zeros(len(refresh_images), jnp.int32))
-  index = jnp.arange(batch)
-  variables = {}
+  step_args = (phase.train, jnp.arange(batch), phase.norm, None,
+               jnp.asarray(0, jnp.int32))
+  return _Inputs(images, phase, refresh_phase, step_args)
+
+
+def _compile_update(run: dict[str, Any], tx, state) -> None:
+  """Compiles the optimizer update alone, for the low-noise overhead."""
+  grads = jax.tree.map(
+      lambda p: 1e-3 * jax.random.normal(jax.random.key(1), p.shape, p.dtype),
+      state.params)
+  update = jax.jit(tx.update)
+  compiled, run["record"]["update_compile_s"], _ = _timed(
+      lambda: update.lower(grads, state.opt_state, state.params).compile())
+  compiled(grads, state.opt_state, state.params)
+  run["update_fn"] = functools.partial(compiled, grads, state.opt_state,
+                                       state.params)
+
+
+def _compile_refresh(run: dict[str, Any], inputs: _Inputs, args) -> None:
+  """Compiles the refresh and runs it once, untimed, before the steps."""
+  trainer, state, phase = run["trainer"], run["state"], inputs.refresh_phase
+  refresh_args = (state, phase.train, jnp.asarray(phase.train_index),
+                  phase.norm)
+  _, run["record"]["refresh_compile_s"], _ = _timed(
+      lambda: trainer.refresh_step.lower(*refresh_args).compile())
+  run["state"] = trainer.refresh(state, phase, phase.train_index)
+  run["record"]["refresh_images"] = args.refresh_images
+
+
+def _prepare(name: str, method: Method, args, inputs: _Inputs,
+             variables: dict[str, Any]) -> dict[str, Any]:
+  """Builds, compiles and measures the memory of one method's step."""
+  conv = (_models.plain_conv if method.conv == "plain"
+          else _models.branched_conv(method.conv))
+  model = _models.make_model(name, args.num_classes, conv=conv,
+                             width=args.width, tiny=args.tiny)
+  tx = method.build(compare.Hyper())
+  # rbg keys: the same steps, much faster model inits to compile on CPU.
+  trainer = _train.Trainer(model, tx, refresh=method.learned, prng_impl="rbg")
+  record = {"method": method.name, "conv": method.conv}
+  if method.conv not in variables:
+    variables[method.conv], record["init_s"], _ = _timed(
+        lambda: trainer.init_variables(0, np.asarray(inputs.images)))
+  hyper = _hyper(args.batch_size)
+  state = trainer.init(variables[method.conv], lr=hyper["lr"],
+                       total_steps=hyper["total_steps"])
+  key = trainer.run_key(0)
+  step_args = (*inputs.step_args[:3], key, inputs.step_args[4])
+  compiled, record["compile_s"], _ = _timed(
+      lambda: trainer.train_step.lower(state, *step_args).compile())
+  record["memory"] = _memory(compiled)
+  # The first call reuses that executable (checked: step_compilations).
+  trainer.warm_up(state, inputs.phase, args.batch_size)
+  record["first_call_s"] = trainer.compile_time_s
+  record["params"] = sum(int(np.prod(a.shape))
+                         for a in jax.tree.leaves(state.params))
+  run = {"method": method, "trainer": trainer, "state": state,
+         "step_args": step_args, "record": record, "step": [],
+         "step_cpu": [], "update": [], "refresh": [], "refresh_cpu": []}
+  if args.update_calls and method.conv == "plain":
+    _compile_update(run, tx, state)
+  if method.learned:
+    _compile_refresh(run, inputs, args)
+  return run
+
+
+def _log_prepared(name: str, run: dict[str, Any]) -> None:
+  record = run["record"]
+  extra = (f", update compile {record['update_compile_s']:.1f} s"
+           if "update_compile_s" in record else "")
+  if "refresh_compile_s" in record:
+    extra += f", refresh compile {record['refresh_compile_s']:.1f} s"
+  _log(f"  {name} {record['method']}: step compile {record['compile_s']:.1f} s"
+       f"{extra}, memory {record['memory']['total'] / 2**20:.1f} MiB")
+
+
+def _time_once(run: dict[str, Any], args, inputs: _Inputs,
+               refresh: bool) -> None:
+  """One round of one method: its steps, its update alone, its refresh."""
+  trainer = run["trainer"]
+
+  def steps():
+    state = run["state"]
+    for _ in range(args.steps_per_round):
+      state, _ = trainer.train_step(state, *run["step_args"])
+    return state
+
+  run["state"], wall, cpu = _timed(steps)
+  run["step"].append(wall / args.steps_per_round)
+  run["step_cpu"].append(cpu / args.steps_per_round)
+  if "update_fn" in run:
+
+    def updates():
+      out = None
+      for _ in range(args.update_calls):
+        out = run["update_fn"]()
+      return out
+
+    _, wall, _ = _timed(updates)
+    run["update"].append(wall / args.update_calls)
+  if refresh:
+    phase = inputs.refresh_phase
+    _, wall, cpu = _timed(lambda: trainer.refresh(
+        run["state"], phase, phase.train_index).opt_state)
+    run["refresh"].append(wall)
+    run["refresh_cpu"].append(cpu)
+
+
+def _summarize(run: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+  """A method's record: medians, ratios against SGD, compilation counts."""
+  record = run["record"]
+  record.update(step_s=run["step"], step_cpu_s=run["step_cpu"],
+                step_s_median=_median(run["step"]),
+                step_cpu_s_median=_median(run["step_cpu"]))
+  record["time_ratio"] = record["step_s_median"] / _median(base["step"])
+  record["cpu_time_ratio"] = (record["step_cpu_s_median"]
+                              / _median(base["step_cpu"]))
+  paired = [a / b for a, b in zip(run["step"], base["step"])]
+  record.update(paired_time_ratios=paired,
+                paired_time_ratio_median=_median(paired),
+                paired_time_ratio_iqr=_quartiles(paired))
+  record["memory_ratio"] = (record["memory"]["total"]
+                            / base["record"]["memory"]["total"])
+  if run["update"]:
+    record.update(update_s=run["update"],
+                  update_s_median=_median(run["update"]))
+    record["update_overhead_of_step"] = (
+        (record["update_s_median"] - _median(base["update"]))
+        / _median(base["step"]))
+  if run["refresh"]:
+    record.update(refresh_s=run["refresh"], refresh_cpu_s=run["refresh_cpu"],
+                  refresh_s_median=_median(run["refresh"]))
+  record["train_step_compilations"] = run["trainer"].step_compilations()
+  if run["method"].learned:
+    record["refresh_compilations"] = run["trainer"].refresh_compilations()
+  return record
+
+
+def run_model(name: str, args, methods: Sequence[Method]) -> dict[str, Any]:
+  """Compiles, measures memory and times every method of one model."""
+  start = time.perf_counter()
+  inputs = _inputs(args)
+  variables: dict[str, Any] = {}
   runs = {}
   for method in methods:
-    conv = (_models.plain_conv if method.conv == "plain"
-            else _models.branched_conv(method.conv))
-    model = _models.make_model(name, args.num_classes, conv=conv,
-                               width=args.width, tiny=args.tiny)
-    tx = method.build(compare.Hyper())
-    # rbg keys: the same steps, much faster model inits to compile on CPU.
-    trainer = _train.Trainer(model, tx, refresh=method.learned,
-                             prng_impl="rbg")
-    record = {"method": method.name, "conv": method.conv}
-    if method.conv not in variables:
-      variables[method.conv], record["init_s"], _ = _timed(
-          lambda: trainer.init_variables(0, np.asarray(images)))  # pylint: disable=cell-var-from-loop
-    state = trainer.init(variables[method.conv], lr=hyper["lr"],
-                         total_steps=hyper["total_steps"])
-    key = trainer.run_key(0)
-    step = trainer.train_step
-    step_args = (phase.train, index, phase.norm, key,
-                 jnp.asarray(0, jnp.int32))
-    compiled, record["compile_s"], _ = _timed(
-        lambda: step.lower(state, *step_args).compile())  # pylint: disable=cell-var-from-loop
-    record["memory"] = _memory(compiled)
-    # The first call reuses that executable (checked: step_compilations).
-    trainer.warm_up(state, phase, batch)
-    record["first_call_s"] = trainer.compile_time_s
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(
-        state.params))
-    record["params"] = n_params
-    run = {"method": method, "trainer": trainer, "state": state, "key": key,
-           "record": record, "step": [], "step_cpu": [], "update": [],
-           "refresh": [], "refresh_cpu": []}
-    if args.update_calls and method.conv == "plain":
-      grads = jax.tree.map(
-          lambda p: 1e-3 * jax.random.normal(jax.random.key(1), p.shape,
-                                             p.dtype), state.params)
-      update = jax.jit(tx.update)
-      compiled_update, record["update_compile_s"], _ = _timed(
-          lambda: update.lower(grads, state.opt_state, state.params).compile())  # pylint: disable=cell-var-from-loop
-      compiled_update(grads, state.opt_state, state.params)
-      run["update_fn"] = functools.partial(compiled_update, grads,
-                                           state.opt_state, state.params)
-    if method.learned:
-      refresh = trainer.refresh_step
-      args_ = (state, refresh_phase.train, jnp.asarray(
-          refresh_phase.train_index), refresh_phase.norm)
-      _, record["refresh_compile_s"], _ = _timed(
-          lambda: refresh.lower(*args_).compile())  # pylint: disable=cell-var-from-loop
-      # First (untimed) refresh: the steps then run with learned matrices.
-      run["state"] = trainer.refresh(state, refresh_phase,
-                                     refresh_phase.train_index)
-      record["refresh_images"] = args.refresh_images
-    # pylint: enable=protected-access
-    extra = (f", update compile {record['update_compile_s']:.1f} s"
-             if "update_compile_s" in record else "")
-    if method.learned:
-      extra += f", refresh compile {record['refresh_compile_s']:.1f} s"
-    _log(f"  {name} {method.name}: step compile {record['compile_s']:.1f} s"
-         f"{extra}, memory {record['memory']['total'] / 2**20:.1f} MiB")
-    runs[method.name] = run
-
+    runs[method.name] = _prepare(name, method, args, inputs, variables)
+    _log_prepared(name, runs[method.name])
   order = list(runs)
   for r in range(args.rounds):
-    shift = r % len(order)
+    shift = r % len(order)  # interleaved, each round in another order.
     for method_name in order[shift:] + order[:shift]:
       run = runs[method_name]
-      trainer, key = run["trainer"], run["key"]
-
-      def steps(run=run, trainer=trainer, key=key):
-        state = run["state"]
-        for _ in range(args.steps_per_round):
-          state, _ = trainer.train_step(state, *step_args[:3], key,
-                                        step_args[4])
-        return state
-
-      run["state"], wall, cpu = _timed(steps)
-      run["step"].append(wall / args.steps_per_round)
-      run["step_cpu"].append(cpu / args.steps_per_round)
-      if "update_fn" in run:
-        fn = run["update_fn"]
-
-        def updates(fn=fn):
-          out = None
-          for _ in range(args.update_calls):
-            out = fn()
-          return out
-
-        _, wall, _ = _timed(updates)
-        run["update"].append(wall / args.update_calls)
-      if run["method"].learned and r < args.refresh_repeats:
-        _, wall, cpu = _timed(
-            lambda run=run, trainer=trainer: trainer.refresh(  # pylint: disable=g-long-lambda
-                run["state"], refresh_phase,
-                refresh_phase.train_index).opt_state)
-        run["refresh"].append(wall)
-        run["refresh_cpu"].append(cpu)
+      _time_once(run, args, inputs,
+                 refresh=run["method"].learned and r < args.refresh_repeats)
     line = ", ".join(f"{m} {1e3 * runs[m]['step'][-1]:.0f}" for m in order)
     _log(f"  {name} round {r + 1}/{args.rounds} (ms/step): {line}")
-
-  base = runs["sgd"]
-  records = []
-  for method_name, run in runs.items():
-    record = run["record"]
-    record["step_s"] = run["step"]
-    record["step_cpu_s"] = run["step_cpu"]
-    record["step_s_median"] = _median(run["step"])
-    record["step_cpu_s_median"] = _median(run["step_cpu"])
-    record["time_ratio"] = record["step_s_median"] / _median(base["step"])
-    record["cpu_time_ratio"] = (record["step_cpu_s_median"]
-                                / _median(base["step_cpu"]))
-    paired = [a / b for a, b in zip(run["step"], base["step"])]
-    record["paired_time_ratios"] = paired
-    record["paired_time_ratio_median"] = _median(paired)
-    record["paired_time_ratio_iqr"] = _quartiles(paired)
-    record["memory_ratio"] = (record["memory"]["total"]
-                              / base["record"]["memory"]["total"])
-    if run["update"]:
-      record["update_s"] = run["update"]
-      record["update_s_median"] = _median(run["update"])
-      record["update_overhead_of_step"] = (
-          (record["update_s_median"] - _median(base["update"]))
-          / _median(base["step"]))
-    if run["refresh"]:
-      record["refresh_s"] = run["refresh"]
-      record["refresh_cpu_s"] = run["refresh_cpu"]
-      record["refresh_s_median"] = _median(run["refresh"])
-    record["train_step_compilations"] = run["trainer"].step_compilations()
-    if run["method"].learned:
-      record["refresh_compilations"] = run["trainer"].refresh_compilations()
-    records.append(record)
+  records = [_summarize(run, runs["sgd"]) for run in runs.values()]
   by_name = {r["method"]: r for r in records}
-  if "sgs" in by_name:
-    for r in records:
+  for r in records:
+    if "sgs" in by_name:
       r["time_vs_sgs"] = r["step_s_median"] / by_name["sgs"]["step_s_median"]
       r["memory_vs_sgs"] = (r["memory"]["total"]
                             / by_name["sgs"]["memory"]["total"])
-  for r in records:
     r["goals_met"] = goal_verdicts(r)
   return {"model": name, "width": args.width or _models.DEFAULT_WIDTH[name],
           "methods": records, "wall_s": time.perf_counter() - start}

@@ -41,12 +41,11 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, split: data.Split,
 
   rng = np.random.default_rng(seed)
   for epoch in range(epochs):
-    order = rng.permutation(len(split.x_train))
+    epoch_batches = data.batches(len(split.x_train), batch_size, rng)
     if refresh_every and epoch % refresh_every == 0:
-      opt_state = refresh(params, opt_state,
-                          split.x_train[order[:2 * batch_size]])
-    for i in range(len(order) // batch_size):
-      idx = order[i * batch_size:(i + 1) * batch_size]
+      first_two = np.concatenate(epoch_batches[:2])
+      opt_state = refresh(params, opt_state, split.x_train[first_two])
+    for idx in epoch_batches:
       params, opt_state = step(params, opt_state, split.x_train[idx],
                                split.y_train[idx])
   logits = model.apply({"params": params}, split.x_test)

@@ -17,7 +17,6 @@ too easy for the two to differ by more than seed noise)::
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import equinox as eqx
@@ -87,11 +86,11 @@ def train(method: str, split: data.Split, *, epochs: int, batch_size: int,
   x_train = np.transpose(split.x_train, (0, 3, 1, 2))  # NCHW for Equinox.
   rng = np.random.default_rng(seed)
   for _ in range(epochs):
-    order = rng.permutation(len(x_train))
+    batches = data.batches(len(x_train), batch_size, rng)
     if method != "sgd":
-      opt_state = refresh(params, opt_state, x_train[order[:2 * batch_size]])
-    for i in range(len(x_train) // batch_size):
-      idx = order[i * batch_size:(i + 1) * batch_size]
+      opt_state = refresh(params, opt_state,
+                          x_train[np.concatenate(batches[:2])])
+    for idx in batches:
       params, opt_state = step(params, opt_state, x_train[idx],
                                split.y_train[idx])
   logits = batched(eqx.combine(params, static),
@@ -100,15 +99,10 @@ def train(method: str, split: data.Split, *, epochs: int, batch_size: int,
 
 
 def main(argv=None) -> dict[str, tuple[float, optax.OptState]]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--epochs", type=int, default=8)
+  parser = data.parser(__doc__, epochs=8)
   parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--tiny", action="store_true",
-                      help="512 training images, 3 epochs (for tests)")
   args = parser.parse_args(argv)
-  split = data.digits(seed=args.seed, train_size=512 if args.tiny else None)
-  epochs = 3 if args.tiny else args.epochs
+  split, epochs = data.from_args(args)
   results = {}
   for method, label in (("sgd", "sgd"), ("cdg+sgs", "cdg+sgs (learned)")):
     results[method] = train(method, split, epochs=epochs,

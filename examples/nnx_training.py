@@ -1,43 +1,51 @@
-"""Flax NNX: learned SGS and CDG with `nnx.Optimizer` on scikit-learn's digits.
+"""Flax NNX: learned SGS and CDG in an ``nnx.Optimizer``, against plain SGD.
 
-Run: python -m examples.nnx_training [--epochs 6] [--refresh-every 2] [--tiny]
+Run: python -m examples.nnx_training [--epochs 10] [--refresh-every 2] [--tiny]
 
-The transforms go into the optax chain as usual; every few epochs the conv
-inputs of two training batches are captured (in eval mode) and the SGS
-matrices inside the optimizer state are refreshed from them.
+The transforms go into the optax chain as usual. Every few epochs the conv
+inputs of two training batches are captured (``capture_conv_inputs`` runs an
+``eval()`` copy of the model, so BatchNorm uses its running statistics) and
+the SGS matrices inside the optimizer's state are refreshed in place.
+
+Expected output (default mode, 10 epochs, about 20 s on 2 CPU cores; the
+digits are too easy for the two to differ by more than seed noise)::
+
+  sgd                 test accuracy 0.978
+  cdg+sgs (learned)   test accuracy 0.975
+  conv1 SGS matrix: [[0.37 1.03 0.44] [0.96 3.40 0.96] [0.44 1.03 0.37]]
+  conv2 SGS matrix: [[0.40 1.12 0.38] [0.71 3.77 0.71] [0.38 1.12 0.40]]
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import sgs_optax
+from examples import data
 
 
 class CNN(nnx.Module):
+  """Two 3x3 convs with BatchNorm and a linear head, for 8x8 images."""
 
   def __init__(self, rngs: nnx.Rngs):
     self.conv1 = nnx.Conv(1, 16, (3, 3), rngs=rngs)
     self.norm1 = nnx.BatchNorm(16, rngs=rngs)
     self.conv2 = nnx.Conv(16, 32, (3, 3), strides=2, rngs=rngs)
     self.norm2 = nnx.BatchNorm(32, rngs=rngs)
-    self.head = nnx.Linear(32, 10, rngs=rngs)
+    self.head = nnx.Linear(32 * 4 * 4, 10, rngs=rngs)
 
   def __call__(self, x):
     x = nnx.relu(self.norm1(self.conv1(x)))
     x = nnx.relu(self.norm2(self.conv2(x)))
-    return self.head(x.mean(axis=(1, 2)))
+    return self.head(x.reshape(x.shape[0], -1))
 
 
-def refresh(model: nnx.Module, optimizer: nnx.Optimizer, batch) -> None:
+def refresh(model: CNN, optimizer: nnx.Optimizer, batch: np.ndarray) -> None:
   """Recomputes the SGS matrices inside an `nnx.Optimizer` in place."""
   captured = sgs_optax.capture_conv_inputs(model, batch)
   sgs_optax.refresh_scalings(optimizer.opt_state, captured)
@@ -48,50 +56,54 @@ def train_step(model, optimizer, x, y):
   def loss_fn(model):
     logits = model(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  grads = nnx.grad(loss_fn)(model)
   optimizer.update(model, grads)
-  return loss
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--epochs", type=int, default=6)
+def train(tx: optax.GradientTransformation, split: data.Split, *, epochs: int,
+          refresh_every: int | None, batch_size: int,
+          seed: int) -> tuple[float, nnx.Optimizer]:
+  """Trains a CNN; returns its test accuracy and its optimizer.
+
+  ``refresh_every`` is the refresh period in epochs (``None``: never).
+  """
+  model = CNN(nnx.Rngs(seed))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  rng = np.random.default_rng(seed)
+  for epoch in range(epochs):
+    batches = data.batches(len(split.x_train), batch_size, rng)
+    if refresh_every and epoch % refresh_every == 0:
+      refresh(model, optimizer, split.x_train[np.concatenate(batches[:2])])
+    for idx in batches:
+      train_step(model, optimizer, split.x_train[idx], split.y_train[idx])
+  model.eval()
+  logits = model(split.x_test)
+  return float(jnp.mean(jnp.argmax(logits, -1) == split.y_test)), optimizer
+
+
+def main(argv=None) -> dict[str, tuple[float, nnx.Optimizer]]:
+  parser = data.parser(__doc__, epochs=10)
   parser.add_argument("--refresh-every", type=int, default=2)
   parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--tiny", action="store_true")
   args = parser.parse_args(argv)
-
-  digits = load_digits()
-  images = (digits.images / 16.0).astype(np.float32)[..., None]
-  x_train, x_test, y_train, y_test = train_test_split(
-      images, digits.target.astype(np.int32), test_size=0.2,
-      stratify=digits.target, random_state=args.seed)
-  if args.tiny:
-    x_train, y_train, args.epochs = x_train[:256], y_train[:256], 1
-
-  model = CNN(nnx.Rngs(args.seed))
-  tx = optax.chain(sgs_optax.cdg(), sgs_optax.sgs(),
-                   optax.add_decayed_weights(5e-4),
-                   optax.sgd(0.05, momentum=0.9))
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  rng = np.random.default_rng(args.seed)
-  steps = len(x_train) // args.batch_size
-  for epoch in range(args.epochs):
-    order = rng.permutation(len(x_train))
-    if epoch % args.refresh_every == 0:
-      refresh(model, optimizer, x_train[order[:2 * args.batch_size]])
-    for i in range(steps):
-      idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-      loss = train_step(model, optimizer, x_train[idx], y_train[idx])
-    print(f"epoch {epoch}: loss {float(loss):.4f}")
-  model.eval()
-  accuracy = float(jnp.mean(jnp.argmax(model(x_test), -1) == y_test))
-  scalings = sgs_optax.get_scalings(nnx.as_pure(optimizer.opt_state))
+  split, epochs = data.from_args(args)
+  sgd = (optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
+  runs = {"sgd": (optax.chain(*sgd), None),
+          "cdg+sgs (learned)": (optax.chain(sgs_optax.cdg(), sgs_optax.sgs(),
+                                            *sgd), args.refresh_every)}
+  results = {}
+  for name, (tx, refresh_every) in runs.items():
+    results[name] = train(tx, split, epochs=epochs,
+                          refresh_every=refresh_every,
+                          batch_size=args.batch_size, seed=args.seed)
+    print(f"{name:<20}test accuracy {results[name][0]:.3f}")
+  scalings = sgs_optax.get_scalings(
+      nnx.as_pure(results["cdg+sgs (learned)"][1].opt_state))
   for name in ("conv1", "conv2"):
-    print(f"{name} SGS matrix:\n{np.round(np.asarray(scalings[name]['kernel']), 3)}")
-  print(f"test accuracy {accuracy:.4f}")
-  return accuracy, scalings
+    matrix = np.asarray(scalings[name]["kernel"])
+    row = np.array2string(matrix, formatter={"float_kind": "{:.2f}".format})
+    print(f"{name} SGS matrix: {row}".replace("\n", ""))
+  return results
 
 
 if __name__ == "__main__":

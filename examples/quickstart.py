@@ -1,48 +1,42 @@
-"""Train a small Flax CNN on scikit-learn's digits with SGD, then with SGS.
+"""Quickstart: SGS with the ACB preset, against plain SGD, in Flax linen.
 
-Run: python -m examples.quickstart [--epochs 8] [--seed 0] [--tiny]
-Prints the final test accuracy of plain SGD and of SGD with the ACB preset.
+Run: python -m examples.quickstart [--epochs 20] [--seed 0] [--tiny]
+
+``sgs_optax.sgs("acb")`` multiplies every 3x3 conv kernel's gradient by
+``[[1, 2, 1], [2, 3, 2], [1, 2, 1]]``: training the conv so is exactly
+training ACB's 3x3 + 1x3 + 3x1 branches and merging them, without the
+branches. The baseline is the same chain without SGS, at the same learning
+rate. The ACB matrix has mean 5/3, so with SGS the conv kernels take larger
+steps on average, exactly as the branched network's do: that is part of what
+the branches change.
+
+Expected output (default mode, 20 epochs, about 15 s on 2 CPU cores; the
+digits are too easy for the two to differ by more than seed noise, see
+``python -m benchmarks.compare`` for a comparison over seeds)::
+
+  sgd           test accuracy 0.975
+  sgs(acb)+sgd  test accuracy 0.969
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import sgs_optax
+from examples import data
+from examples import models
 
 
-class CNN(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Conv(16, (3, 3))(x))
-    x = nn.relu(nn.Conv(32, (3, 3), strides=2)(x))
-    x = nn.relu(nn.Conv(32, (3, 3))(x))
-    return nn.Dense(10)(x.mean(axis=(1, 2)))
-
-
-def load(seed):
-  digits = load_digits()
-  images = (digits.images / 16.0).astype(np.float32)[..., None]
-  return train_test_split(images, digits.target.astype(np.int32),
-                          test_size=0.2, stratify=digits.target,
-                          random_state=seed)
-
-
-def train(tx, data, *, epochs, batch_size, seed):
-  x_train, x_test, y_train, y_test = data
-  model = CNN()
-  key, init_key = jax.random.split(jax.random.key(seed))
-  params = model.init(init_key, x_train[:1])["params"]
+def train(tx: optax.GradientTransformation, split: data.Split, *,
+          epochs: int, batch_size: int, seed: int) -> float:
+  """Trains :class:`models.CNN` with ``tx``; returns its test accuracy."""
+  model = models.CNN()
+  params = model.init(jax.random.key(seed), split.x_train[:1])["params"]
   opt_state = tx.init(params)
 
   @jax.jit
@@ -54,35 +48,25 @@ def train(tx, data, *, epochs, batch_size, seed):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
+  rng = np.random.default_rng(seed)
   for _ in range(epochs):
-    key, perm_key = jax.random.split(key)
-    order = np.asarray(jax.random.permutation(perm_key, len(x_train)))
-    for i in range(0, len(order) - batch_size + 1, batch_size):
-      idx = order[i:i + batch_size]
-      params, opt_state = step(params, opt_state, x_train[idx], y_train[idx])
-  logits = model.apply({"params": params}, x_test)
-  return float(jnp.mean(jnp.argmax(logits, -1) == y_test))
+    for idx in data.batches(len(split.x_train), batch_size, rng):
+      params, opt_state = step(params, opt_state, split.x_train[idx],
+                               split.y_train[idx])
+  logits = model.apply({"params": params}, split.x_test)
+  return float(jnp.mean(jnp.argmax(logits, -1) == split.y_test))
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--epochs", type=int, default=8)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--tiny", action="store_true",
-                      help="one epoch on 200 images, for smoke tests")
-  args = parser.parse_args(argv)
-  data = load(args.seed)
-  if args.tiny:
-    data = [d[:200] for d in data]
-    args.epochs = 1
+def main(argv=None) -> dict[str, float]:
+  args = data.parser(__doc__, epochs=20).parse_args(argv)
+  split, epochs = data.from_args(args)
+  sgd = (optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
   results = {}
-  for name, first in (("sgd", optax.identity()),
-                      ("sgd+sgs(acb)", sgs_optax.sgs("acb"))):
-    tx = optax.chain(first, optax.add_decayed_weights(5e-4),
-                     optax.sgd(0.05, momentum=0.9))
-    results[name] = train(tx, data, epochs=args.epochs, batch_size=32,
+  for name, tx in (("sgd", optax.chain(*sgd)),
+                   ("sgs(acb)+sgd", optax.chain(sgs_optax.sgs("acb"), *sgd))):
+    results[name] = train(tx, split, epochs=epochs, batch_size=32,
                           seed=args.seed)
-    print(f"{name:>14}: test accuracy {results[name]:.4f}")
+    print(f"{name:<14}test accuracy {results[name]:.3f}")
   return results
 
 

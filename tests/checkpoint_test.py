@@ -1,4 +1,4 @@
-"""Checkpoint and resume of a learned-SGS training run (examples/train_linen).
+"""Checkpoint and resume of a learned-SGS training run (examples/resnet).
 
 A run interrupted after step K and resumed from its orbax checkpoint, with a
 fresh config object and a freshly initialised state, must end bit-identical to
@@ -15,11 +15,15 @@ import optax
 import pytest
 
 import sgs_optax
-from examples import train_linen
+from examples.resnet import checkpointing
+from examples.resnet import config as config_lib
+from examples.resnet import input_pipeline
+from examples.resnet import main as resnet_main
+from examples.resnet import train
 
 # 64 images / 16 = 4 steps per epoch, 12 steps. The learned SGS matrices are
 # refreshed every max(1, round(3 / 20)) = 1 epoch: before steps 0, 4 and 8.
-CONFIG = train_linen.Config(
+CONFIG = config_lib.Config(
     epochs=3, batch_size=16, num_train=64, num_test=32, width=4,
     blocks=(1, 1), checkpoint_every=2)
 TOTAL = 12
@@ -52,25 +56,25 @@ def conv_matrices(state):
 def runs(tmp_path_factory):
   """An uninterrupted run, and the same run interrupted then resumed."""
   root = tmp_path_factory.mktemp("checkpoints")
-  data = train_linen.load_data(CONFIG)
-  full = train_linen.train(CONFIG, data=data)  # no checkpointing at all.
+  data = input_pipeline.load(CONFIG)
+  full = train.train_and_evaluate(CONFIG, data=data)  # no checkpointing.
   run_dir = str(root / "run")
-  interrupted = train_linen.train(
+  interrupted = train.train_and_evaluate(
       dataclasses.replace(CONFIG, checkpoint_dir=run_dir, stop_after=STOP),
       data=data)
   # The step-STOP checkpoint itself (the resumed run's saves rotate it out).
-  manager = train_linen.checkpoint_manager(
+  manager = checkpointing.checkpoint_manager(
       dataclasses.replace(CONFIG, checkpoint_dir=run_dir))
   try:
     assert manager.latest_step() == STOP
-    fresh = train_linen.make_functions(train_linen.recipe(CONFIG), TOTAL)
-    at_stop = train_linen.restore_checkpoint(
+    fresh = train.make_functions(config_lib.recipe(CONFIG), TOTAL)
+    at_stop = checkpointing.restore_checkpoint(
         manager, CONFIG, target=fresh.init(data.x_train[:1]))
   finally:
     manager.close()
   # A fresh config object; the data are reloaded and the state re-initialised
   # before the checkpoint is restored into it.
-  resumed = train_linen.train(train_linen.Config(
+  resumed = train.train_and_evaluate(config_lib.Config(
       epochs=3, batch_size=16, num_train=64, num_test=32, width=4,
       blocks=(1, 1), checkpoint_every=2, checkpoint_dir=run_dir, resume=True))
   return dict(full=full, interrupted=interrupted, resumed=resumed,
@@ -100,13 +104,13 @@ def test_resumed_run_is_bit_identical_to_uninterrupted_run(runs):
 def test_checkpoint_restores_the_exact_tree(runs):
   """NamedTuple optimizer states, None leaves, dtypes, keys and counters."""
   config = dataclasses.replace(CONFIG, checkpoint_dir=runs["run_dir"])
-  manager = train_linen.checkpoint_manager(config)
+  manager = checkpointing.checkpoint_manager(config)
   try:
     assert manager.latest_step() == TOTAL
     assert sorted(manager.all_steps()) == [8, 10, 12]  # max_to_keep=3.
-    fns = train_linen.make_functions(train_linen.recipe(config), TOTAL)
+    fns = train.make_functions(config_lib.recipe(config), TOTAL)
     target = fns.init(runs["data"].x_train[:1])
-    restored = train_linen.restore_checkpoint(manager, config, target)
+    restored = checkpointing.restore_checkpoint(manager, config, target)
     assert_trees_identical(restored, runs["full"])
     sgs_state, decay_state, sgd_state = restored.opt_state
     assert isinstance(sgs_state, sgs_optax.SpatialScalingState)
@@ -119,14 +123,14 @@ def test_checkpoint_restores_the_exact_tree(runs):
     scalings = sgs_optax.get_scalings(restored.opt_state)
     assert scalings["head"]["kernel"] is None
     assert scalings["head"]["bias"] is None
-    assert scalings["stage2_block1"]["shortcut"]["kernel"] is None  # 1x1
+    assert scalings["stage2_block1"]["shortcut_conv"]["kernel"] is None  # 1x1
     assert scalings["stem_bn"]["scale"] is None
     assert restored.rng.dtype == np.uint32
     jax.random.wrap_key_data(restored.rng, impl=config.prng_impl)  # a key.
 
     # A checkpoint from another recipe (here the learning rate) is refused.
     with pytest.raises(ValueError, match="learning_rate"):
-      train_linen.restore_checkpoint(
+      checkpointing.restore_checkpoint(
           manager, dataclasses.replace(config, learning_rate=0.05), target)
   finally:
     manager.close()
@@ -148,13 +152,13 @@ def test_resume_is_driven_by_the_checkpointed_field(runs, tmp_path, field):
     value = getattr(state, field)
     edited = state.replace(**{field: value.at[-1].add(np.uint32(1))})
   edited_config = dataclasses.replace(CONFIG, checkpoint_dir=str(tmp_path))
-  manager = train_linen.checkpoint_manager(edited_config)
+  manager = checkpointing.checkpoint_manager(edited_config)
   try:
-    train_linen.save_checkpoint(manager, edited_config, edited)
+    checkpointing.save_checkpoint(manager, edited_config, edited)
     manager.wait_until_finished()
   finally:
     manager.close()
-  resumed = train_linen.train(
+  resumed = train.train_and_evaluate(
       dataclasses.replace(edited_config, resume=True), data=runs["data"])
   assert int(resumed.step) == TOTAL
   assert_trees_differ(resumed.params, runs["full"].params)
@@ -167,14 +171,15 @@ def test_resume_is_driven_by_the_checkpointed_field(runs, tmp_path, field):
 def test_command_line_interrupt_and_resume(runs, tmp_path):
   argv = ["--epochs", "3", "--batch-size", "16", "--num-train", "64",
           "--num-test", "32", "--width", "4", "--blocks", "1", "1",
-          "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path)]
-  first = train_linen.main(argv + ["--stop-after", str(STOP)])
+          "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path),
+          "--no-baseline"]  # The SGD baseline would only add a compilation.
+  first = resnet_main.main(argv + ["--stop-after", str(STOP)])
   assert first["step"] == STOP and first["refresh_count"] == 2
-  second = train_linen.main(argv + ["--resume"])
+  second = resnet_main.main(argv + ["--resume"])
   assert second["step"] == TOTAL and second["refresh_count"] == 3
   assert_trees_identical(second["state"], runs["full"])
-  full_accuracy = train_linen.evaluate(CONFIG, runs["full"], runs["data"])
+  full_accuracy = train.evaluate(CONFIG, runs["full"], runs["data"])
   assert second["accuracy"] == full_accuracy
   # Resuming a finished run trains no further.
-  third = train_linen.main(argv + ["--resume"])
+  third = resnet_main.main(argv + ["--resume"])
   assert_trees_identical(third["state"], runs["full"])
