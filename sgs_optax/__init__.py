@@ -11,6 +11,7 @@ import importlib.util
 
 from sgs_optax._branches import branch_scaling
 from sgs_optax._branches import merge_branches
+from sgs_optax._branches import preset_branches
 from sgs_optax._capture import capture_conv_inputs
 from sgs_optax._channel import cdg
 from sgs_optax._channel import channel_directed_gradients
@@ -42,6 +43,7 @@ __all__ = [
     "get_scalings",
     "merge_branches",
     "parse_layout",
+    "preset_branches",
     "refresh_scalings",
     "resolve_layouts",
     "sgs",

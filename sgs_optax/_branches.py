@@ -1,16 +1,18 @@
-"""Parallel conv branches: their exact SGS matrix, a branched module, merging.
+"""Parallel conv branches: their exact SGS matrix, presets, merging.
 
-A branched conv sums N parallel branches, each an ``(a, b)`` kernel centred in
-the ``(kh, kw)`` window and multiplied by a constant scalar ``alpha_k`` (a
-frozen BatchNorm scale counts, per output channel if need be). The network only
-ever sees the merged kernel ``W = sum_k alpha_k * pad(V_k)``, and SGD on the
-branches moves ``W`` exactly as SGD on ``W`` with its gradient multiplied by
+A branched conv sums parallel branches inside one kernel window of any
+number of spatial axes. Branch ``k`` is a kernel ``V_k`` of size ``b_k`` with
+dilation ``d_k``, centred in the window (its taps cover ``(b - 1) * d + 1``
+positions per axis, every ``d``-th one), times a constant scalar ``alpha_k``
+(a frozen BatchNorm scale counts, per output channel if need be). The network
+only ever sees the merged kernel ``W = sum_k alpha_k * P_k(V_k)``, where
+``P_k`` places the taps, and SGD on the branches moves ``W`` exactly as SGD on
+``W`` with its gradient multiplied by
 
     S = sum_k alpha_k**2 * M_k,
 
-where ``M_k`` is the branch's binary footprint in the window. The module here
-trains the branches for real (each as its own convolution) so that the
-equivalence can be tested and the structural cost measured.
+``M_k`` being the 0/1 mask of the positions branch ``k`` covers (SPEC 1.2:
+``P_k P_k^T = M_k`` for any injective placement).
 
 References:
   Detkov et al., `Reparameterization through Spatial Gradient Scaling
@@ -19,6 +21,11 @@ References:
   Asymmetric Convolution Blocks <https://arxiv.org/abs/1908.03930>`_, 2019.
   Ding et al., `RepVGG: Making VGG-style ConvNets Great Again
   <https://arxiv.org/abs/2101.03697>`_, 2021.
+  Ding et al., `Scaling Up Your Kernels to 31x31: Revisiting Large Kernel
+  Design in CNNs <https://arxiv.org/abs/2203.06717>`_, CVPR 2022.
+  Ding et al., `UniRepLKNet: A Universal Perception Large-Kernel ConvNet for
+  Audio, Video, Point Cloud, Time-Series and Image Recognition
+  <https://arxiv.org/abs/2311.15599>`_, CVPR 2024.
 """
 
 from __future__ import annotations
@@ -30,56 +37,92 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Branch = tuple[int, int]
+from sgs_optax import _geometry
+
+Size = tuple[int, ...]
+SizeLike = int | Sequence[int]  # an int means the same size on every axis.
 Scale = Any  # a scalar or a (C_out,) array.
 
-PRESET_NAMES = ("acb", "repvgg")
+PRESET_NAMES = ("acb", "repvgg", "replknet", "unireplknet")
+
+# RepLKNet-31B/L: every large kernel (31, 29, 27, 13) has a parallel 5x5
+# (`small_kernel=5` in DingXiaoH/RepLKNet-pytorch, replknet.py).
+_REPLKNET_SMALL = 5
+# UniRepLKNet's Dilated Reparam Block: for each large-kernel size, the sizes
+# and dilations of its parallel small kernels (`DilatedReparamBlock` in
+# AILab-CVC/UniRepLKNet, unireplknet.py).
+_UNIREPLKNET = {
+    5: ((3, 3), (1, 2)),
+    7: ((5, 3, 3), (1, 2, 3)),
+    9: ((5, 5, 3, 3), (1, 2, 3, 4)),
+    11: ((5, 5, 3, 3, 3), (1, 2, 3, 4, 5)),
+    13: ((5, 7, 3, 3, 3), (1, 2, 3, 4, 5)),
+    15: ((5, 7, 3, 3, 3), (1, 2, 3, 5, 7)),
+    17: ((5, 9, 3, 3, 3), (1, 2, 4, 5, 7)),
+}
 
 
-def preset_branches(name: str, kernel_size: Sequence[int]) -> list[Branch]:
-  """The branches of a named preset, built for ``kernel_size``.
+def _kernel_size(kernel_size: Sequence[int]) -> Size:
+  if isinstance(kernel_size, (int, np.integer)) or not len(kernel_size):
+    raise ValueError(
+        f"kernel_size must hold one size per spatial axis, e.g. (3, 3) or "
+        f"(7,), got {kernel_size!r}."
+    )
+  return _geometry.as_sizes(tuple(kernel_size), len(kernel_size),
+                            "kernel_size", minimum=1)
+
+
+def branch_offsets(kernel_size: Sequence[int], branch: SizeLike,
+                   dilation: SizeLike = 1) -> Size:
+  """The first position, per axis, of a branch centred in the kernel window.
 
   Args:
-    name: ``"acb"`` (KxK + 1xK + Kx1) or ``"repvgg"`` (KxK + 1x1).
-    kernel_size: ``(kh, kw)``.
+    kernel_size: the merged kernel's size, one int per spatial axis.
+    branch: the branch's size, an int (every axis) or one int per axis.
+    dilation: the branch's dilation, likewise.
 
   Returns:
-    The list of ``(a, b)`` branch sizes, the main ``(kh, kw)`` one first.
+    The offset of the branch's first tap along each axis.
 
   Raises:
-    ValueError: for an unknown preset name.
+    ValueError: for sizes of the wrong length, a branch that spans more than
+      the kernel, or one that cannot be centred (the kernel size minus the
+      span ``(b - 1) * d + 1`` odd along an axis).
   """
-  kh, kw = kernel_size
-  if name == "acb":
-    return [(kh, kw), (1, kw), (kh, 1)]
-  if name == "repvgg":
-    return [(kh, kw), (1, 1)]
-  raise ValueError(
-      f"Unknown scaling preset {name!r}; expected one of {PRESET_NAMES}, an "
-      "array, a pytree of arrays, or None."
-  )
-
-
-def branch_offsets(kernel_size: Sequence[int], branch: Branch) -> Branch:
-  """Top-left corner of a branch centred in the kernel window."""
-  kh, kw = kernel_size
-  a, b = branch
-  if a < 1 or b < 1 or a > kh or b > kw:
+  kernel_size = _kernel_size(kernel_size)
+  n = len(kernel_size)
+  branch = _geometry.as_sizes(branch, n, "each branch", minimum=1)
+  dilation = _geometry.as_sizes(dilation, n, "each dilation", minimum=1)
+  span = _geometry.dilated_kernel(branch, dilation)
+  if any(s > k for s, k in zip(span, kernel_size)):
     raise ValueError(
-        f"Branch {branch} does not fit in a {kh}x{kw} kernel: each branch "
-        "must be at least 1x1 and at most the kernel size."
+        f"Branch {branch} with dilation {dilation} spans {span} positions and "
+        f"does not fit in a {kernel_size} kernel."
     )
-  if (kh - a) % 2 or (kw - b) % 2:
+  if any((k - s) % 2 for s, k in zip(span, kernel_size)):
     raise ValueError(
-        f"Branch {branch} cannot be centred in a {kh}x{kw} kernel: the size "
-        "difference must be even along each axis."
+        f"Branch {branch} with dilation {dilation} (span {span}) cannot be "
+        f"centred in a {kernel_size} kernel: the kernel size minus the span "
+        "must be even along each axis."
     )
-  return (kh - a) // 2, (kw - b) // 2
+  return tuple((k - s) // 2 for s, k in zip(span, kernel_size))
 
 
-def _check_scales(
-    branches: Sequence[Branch], scales: Sequence[Scale] | None
+def branch_taps(kernel_size: Sequence[int], branch: SizeLike,
+                dilation: SizeLike = 1) -> tuple[slice, ...]:
+  """Index of the window positions a centred (dilated) branch covers."""
+  n = len(_kernel_size(kernel_size))
+  branch = _geometry.as_sizes(branch, n, "each branch", minimum=1)
+  dilation = _geometry.as_sizes(dilation, n, "each dilation", minimum=1)
+  offsets = branch_offsets(kernel_size, branch, dilation)
+  return tuple(slice(o, o + (b - 1) * d + 1, d)
+               for o, b, d in zip(offsets, branch, dilation))
+
+
+def check_scales(
+    branches: Sequence[SizeLike], scales: Sequence[Scale] | None
 ) -> list[np.ndarray]:
+  """One float64 scale array per branch (ones by default), validated."""
   if not branches:
     raise ValueError(
         "branches is empty: a branch set needs at least one branch (its "
@@ -97,31 +140,53 @@ def _check_scales(
   return arrays
 
 
+def check_dilations(branches: Sequence[SizeLike],
+                     dilations: Sequence[SizeLike] | None) -> list[SizeLike]:
+  """One dilation per branch (1 by default); each is checked where used."""
+  if dilations is None:
+    return [1] * len(branches)
+  if isinstance(dilations, (int, np.integer)) or len(dilations) != len(
+      branches):
+    raise ValueError(
+        f"dilations must give one dilation (an int or one per axis) per "
+        f"branch: got {dilations!r} for {len(branches)} branches."
+    )
+  return list(dilations)
+
+
 def branch_scaling(
     kernel_size: Sequence[int],
-    branches: Sequence[Branch],
+    branches: Sequence[SizeLike],
     scales: Sequence[Scale] | None = None,
+    dilations: Sequence[SizeLike] | None = None,
 ) -> np.ndarray:
   """The exact SGS matrix ``S = sum_k scales_k**2 * mask_k`` of a branch set.
 
   Training a conv whose gradient is multiplied by ``S`` with SGD (momentum,
   Nesterov and coupled L2 weight decay included) is exactly equivalent to
   training the branched conv, started from the merged weights (SPEC 1.2).
+  Any number of spatial axes works: 1-D, 2-D and 3-D kernels alike.
 
   Args:
-    kernel_size: ``(kh, kw)`` of the merged kernel.
-    branches: ``(a, b)`` sizes of the parallel branches, each centred in the
-      kernel; list the main ``(kh, kw)`` branch too if the block has one.
+    kernel_size: the merged kernel's size, one int per spatial axis:
+      ``(k,)``, ``(kh, kw)`` or ``(kd, kh, kw)``.
+    branches: the size of each parallel branch, centred in the kernel: an int
+      (the same size on every axis) or one int per axis. List the main
+      full-size branch too if the block has one.
     scales: optional constant scalar per branch (default 1), each a scalar or
       a ``(C_out,)`` array (e.g. a frozen BatchNorm scale).
+    dilations: optional dilation per branch (default 1), an int or one per
+      axis. A branch of size ``b`` and dilation ``d`` covers every ``d``-th
+      of ``(b - 1) * d + 1`` positions per axis, centred.
 
   Returns:
-    A float64 numpy array of shape ``(kh, kw)``, or ``(kh, kw, C_out)`` when
-    any scale is per output channel.
+    A float64 numpy array of shape ``kernel_size``, or ``kernel_size +
+    (C_out,)`` when any scale is per output channel.
 
   Raises:
-    ValueError: for a branch larger than the kernel or that cannot be centred,
-      or scales that do not match the branches.
+    ValueError: for an empty branch list, a branch or dilation with the wrong
+      number of axes, a branch that spans more than the kernel or cannot be
+      centred, or scales or dilations that do not match the branches.
 
   Examples:
     >>> import sgs_optax
@@ -129,9 +194,12 @@ def branch_scaling(
     array([[1., 2., 1.],
            [2., 3., 2.],
            [1., 2., 1.]])
+    >>> sgs_optax.branch_scaling((7,), [7, 3, 3], dilations=[1, 1, 2])
+    array([1., 2., 2., 3., 2., 2., 1.])
   """
-  kernel_size = tuple(int(k) for k in kernel_size)
-  scale_arrays = _check_scales(branches, scales)
+  kernel_size = _kernel_size(kernel_size)
+  scale_arrays = check_scales(branches, scales)
+  dilations = check_dilations(branches, dilations)
   try:
     channel_shape = np.broadcast_shapes(*(s.shape for s in scale_arrays))
   except ValueError:
@@ -139,10 +207,9 @@ def branch_scaling(
         "Per-channel branch scales must all have the same length C_out."
     ) from None
   total = np.zeros(kernel_size + channel_shape)
-  for branch, scale in zip(branches, scale_arrays):
-    top, left = branch_offsets(kernel_size, branch)
+  for branch, dilation, scale in zip(branches, dilations, scale_arrays):
     mask = np.zeros(kernel_size + (1,) * len(channel_shape))
-    mask[top : top + branch[0], left : left + branch[1]] = 1.0
+    mask[branch_taps(kernel_size, branch, dilation)] = 1.0
     total += mask * scale**2
   return total
 
@@ -150,42 +217,139 @@ def branch_scaling(
 def merge_branches(
     params: dict[str, Any],
     kernel_size: Sequence[int],
-    branches: Sequence[Branch],
+    branches: Sequence[SizeLike],
     branch_scales: Sequence[Scale] | None = None,
+    dilations: Sequence[SizeLike] | None = None,
 ) -> dict[str, jax.Array]:
   """Folds a :class:`BranchedConv`'s params into one conv's params.
 
   Args:
     params: the module's params: ``kernel_0 .. kernel_{N-1}`` of shapes
-      ``(a_k, b_k, C_in, C_out)`` and optionally ``bias``.
-    kernel_size: the merged ``(kh, kw)``.
+      ``(*branch_k, C_in / groups, C_out)`` and optionally ``bias``.
+    kernel_size: the merged kernel's size, one int per spatial axis.
     branches: the same branch sizes the module was built with.
     branch_scales: the same constant scales the module was built with.
+    dilations: the same branch dilations the module was built with.
 
   Returns:
-    ``{"kernel": W}`` (HWIO, ``W = sum_k scale_k * pad(kernel_k)``), plus
-    ``"bias"`` when the module has one: the params of a plain ``nn.Conv``.
+    ``{"kernel": W}`` (channels-last layout, e.g. HWIO;
+    ``W = sum_k scale_k * P_k(kernel_k)``), plus ``"bias"`` when the module
+    has one: the params of a plain ``nn.Conv`` of ``kernel_size``.
+
+  Raises:
+    ValueError: as :func:`branch_scaling`, and for a kernel whose shape does
+      not match its branch.
   """
-  kernel_size = tuple(int(k) for k in kernel_size)
-  scale_arrays = _check_scales(branches, branch_scales)
+  kernel_size = _kernel_size(kernel_size)
+  n = len(kernel_size)
+  scale_arrays = check_scales(branches, branch_scales)
+  dilations = check_dilations(branches, dilations)
   merged = None
-  for index, (branch, scale) in enumerate(zip(branches, scale_arrays)):
+  for index, (branch, dilation, scale) in enumerate(
+      zip(branches, dilations, scale_arrays)):
     kernel = params[f"kernel_{index}"]
-    if tuple(kernel.shape[:2]) != tuple(branch):
+    size = _geometry.as_sizes(branch, n, "each branch", minimum=1)
+    if tuple(kernel.shape[:n]) != size or kernel.ndim != n + 2:
       raise ValueError(
-          f"kernel_{index} has spatial shape {kernel.shape[:2]}, expected "
-          f"branch {branch}."
+          f"kernel_{index} has shape {kernel.shape}, expected branch {size} "
+          "followed by the input and output channel axes."
       )
-    top, left = branch_offsets(kernel_size, branch)
-    pads = (
-        (top, kernel_size[0] - branch[0] - top),
-        (left, kernel_size[1] - branch[1] - left),
-        (0, 0),
-        (0, 0),
-    )
-    term = jnp.pad(kernel, pads) * jnp.asarray(scale, kernel.dtype)
-    merged = term if merged is None else merged + term
+    if merged is None:
+      merged = jnp.zeros(kernel_size + kernel.shape[n:], kernel.dtype)
+    taps = branch_taps(kernel_size, size, dilation)
+    merged = merged.at[taps].add(kernel * jnp.asarray(scale, kernel.dtype))
   out = {"kernel": merged}
   if "bias" in params:
     out["bias"] = params["bias"]
   return out
+
+
+def preset_skip_reason(name: str, kernel_size: Sequence[int]) -> str | None:
+  """Why preset ``name`` is not defined for an odd ``kernel_size``, or None.
+
+  Raises:
+    ValueError: for an unknown preset name.
+  """
+  size = tuple(int(k) for k in kernel_size)
+  if name == "acb":
+    if len(size) != 2:
+      return (
+          f"the 'acb' preset (KxK + 1xK + Kx1) is defined for 2-D kernels "
+          f"only, not {len(size)}-D: in 1-D its asymmetric branches would be "
+          "the kernel itself (a uniform factor) or one tap ('repvgg'); in "
+          "3-D they could be lines (Kx1x1, 1xKx1, 1x1xK) or planes (KxKx1, "
+          "Kx1xK, 1xKxK). Build the set you mean with branch_scaling"
+      )
+    return None
+  if name == "repvgg":
+    return None
+  if name == "replknet":
+    if min(size) < _REPLKNET_SMALL:
+      return (f"the 'replknet' preset adds a centred {_REPLKNET_SMALL}-tap "
+              f"branch, which needs every axis of the kernel to be at least "
+              f"{_REPLKNET_SMALL}")
+    return None
+  if name == "unireplknet":
+    if len(set(size)) != 1 or size[0] not in _UNIREPLKNET:
+      return (f"the 'unireplknet' preset is published for kernels of equal "
+              f"sizes {tuple(_UNIREPLKNET)} on every axis only")
+    return None
+  raise ValueError(
+      f"Unknown scaling preset {name!r}; expected one of {PRESET_NAMES}, an "
+      "array, a pytree of arrays, or None."
+  )
+
+
+def preset_branches(
+    name: str, kernel_size: Sequence[int]
+) -> tuple[list[Size], list[Size]]:
+  """The branches and dilations of a named preset, built for ``kernel_size``.
+
+  Every preset lists the full-size main branch first and centres every
+  branch; the sizes below hold on every spatial axis.
+
+  * ``"acb"`` (2-D only): KxK + 1xK + Kx1 (ACNet).
+  * ``"repvgg"``: the kernel + one centre tap (RepVGG's 3x3 + 1x1; in any
+    number of spatial axes).
+  * ``"replknet"``: the kernel + a 5-tap-per-axis branch (RepLKNet's large
+    kernel with a parallel 5x5); every axis at least 5.
+  * ``"unireplknet"``: the kernel + UniRepLKNet's dilated small kernels for
+    equal sizes K in 5..17, e.g. for K = 13 sizes (5, 7, 3, 3, 3) with
+    dilations (1, 2, 3, 4, 5).
+
+  The published blocks put a trained BatchNorm on every branch, so their
+  training is this preset's only with frozen unit BN scales: the presets
+  are the unit-scale analogues.
+
+  Args:
+    name: one of ``"acb"``, ``"repvgg"``, ``"replknet"``, ``"unireplknet"``.
+    kernel_size: the merged kernel's size, one int per spatial axis.
+
+  Returns:
+    ``(branches, dilations)``: one size tuple and one dilation tuple per
+    branch, for :func:`branch_scaling` or :class:`BranchedConv`.
+
+  Raises:
+    ValueError: for an unknown preset, or a kernel size it is not defined for.
+
+  Examples:
+    >>> import sgs_optax
+    >>> sgs_optax.preset_branches("unireplknet", (7, 7))
+    ([(7, 7), (5, 5), (3, 3), (3, 3)], [(1, 1), (1, 1), (2, 2), (3, 3)])
+  """
+  size = _kernel_size(kernel_size)
+  reason = preset_skip_reason(name, size)
+  if reason is not None:
+    raise ValueError(f"Kernel size {size}: {reason}.")
+  n = len(size)
+  if name == "acb":
+    sizes = [size, (1, size[1]), (size[0], 1)]
+    return sizes, [(1, 1)] * 3
+  if name == "repvgg":
+    small, dilations = [1], [1]
+  elif name == "replknet":
+    small, dilations = [_REPLKNET_SMALL], [1]
+  else:
+    small, dilations = _UNIREPLKNET[size[0]]
+  branches = [size] + [(b,) * n for b in small]
+  return branches, [(1,) * n] + [(d,) * n for d in dilations]

@@ -254,18 +254,25 @@ def layers(x: jax.Array, layout: Layout) -> int | None:
 def sgs_skip_reason(x: Any, layout: Layout | None) -> str | None:
   """Why SGS leaves leaf ``x`` untouched, or ``None`` if it scales it.
 
-  The one eligibility rule of Spatial Gradient Scaling: a floating-point 2-D
-  conv kernel whose spatial sizes are all at least 2 (the stem and depthwise
-  convs included). Unselected leaves, 1x1, 1xK and Kx1 kernels, and 1-D or
-  3-D convs are not scaled.
+  The one eligibility rule of Spatial Gradient Scaling, the same for 1-D,
+  2-D and 3-D convs: a floating-point conv kernel whose spatial sizes are
+  all at least 2 (the stem and depthwise convs included). A size-1 axis
+  means the kernel mixes no neighbours along it, so there is no spatial
+  redistribution of the gradient to make there: 1x1, 1xK and Kx1 2-D
+  kernels (which the paper never scales), 1-tap 1-D kernels, and 3-D
+  kernels such as ``(1, 3, 3)`` (the per-frame half of a factorised
+  (2+1)-D block) or ``(3, 1, 1)`` are not scaled. Unselected leaves and
+  leaves without spatial axes are not scaled either. Which matrix an
+  eligible kernel gets (and whether a preset or the learned mode is defined
+  for its size) is decided by :func:`sgs_optax.sgs`.
   """
   if layout is None:
     return "it is not a selected conv kernel"
   if not jnp.issubdtype(x.dtype, jnp.floating):
     return f"its dtype {x.dtype} is not floating point"
   size = spatial_shape(x, layout)
-  if len(size) != 2:
-    return f"it is a {len(size)}-D kernel (only 2-D kernels are scaled)"
+  if not size:
+    return f"its layout {layout!r} has no spatial axis"
   if min(size) < 2:
     return f"its kernel size {size} has an axis of size 1"
   return None

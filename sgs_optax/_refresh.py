@@ -210,6 +210,8 @@ def _new_matrix(name: str, matrix: jax.Array, info: _spatial.KernelInfo,
           for layer in range(info.layers)])
   except ValueError as e:
     raise ValueError(f"Layer {name!r}: {e}") from None
+  # Mean 1 over the kernel's own spatial axes, of any rank: one matrix per
+  # stacked layer.
   new = _dependence.dependence_to_scaling(dependence, ndim=len(info.size))
   if matrix.ndim > new.ndim:  # One matrix per output channel.
     new = jnp.broadcast_to(new[..., None], matrix.shape)
@@ -245,8 +247,10 @@ def refresh_scalings(
   conv called several times at different resolutions gets the average of
   each call's ``D`` weighted by its number of pixels; stacked layers get one
   matrix each. A layer whose new matrix has a NaN (e.g. every channel
-  constant) keeps its previous matrix. Per-channel ``(kh, kw, C_out)``
-  matrices get the layer's matrix broadcast over channels. Constant SGS
+  constant) keeps its previous matrix. 1-D, 2-D and 3-D kernels alike: the
+  mean is taken over the kernel's own spatial axes. Per-channel
+  ``(*size, C_out)`` matrices get the layer's matrix broadcast over
+  channels. Constant SGS
   states (presets and given matrices without ``learn=True``) are left
   untouched. Shapes and dtypes never change, so a jitted train step does not
   recompile.

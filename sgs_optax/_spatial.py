@@ -132,9 +132,9 @@ class SpatialScalingState(NamedTuple):
 
   Attributes:
     scalings: a :class:`ScalingTable`: at each scaled kernel's path, its
-      matrix of shape ``(kh, kw)`` (or ``(kh, kw, C_out)``; with a leading
-      ``(L,)`` for stacked layers), in float32 or in the parameter's dtype
-      when that is wider.
+      matrix of the kernel's spatial shape, e.g. ``(kh, kw)`` (or ``(kh, kw,
+      C_out)``; with a leading ``(L,)`` for stacked layers), in float32 or in
+      the parameter's dtype when that is wider.
 
   Examples:
     >>> import jax.numpy as jnp, optax, sgs_optax
@@ -172,18 +172,56 @@ def _check_matrix(name: str, matrix: Any) -> None:
     )
 
 
-def _check_fits(name: str, matrix: Any, kernel: Any, layout: str) -> None:
-  info = KernelInfo.of(kernel, layout)
-  channels = _kernels.output_channels(kernel, layout)
-  shapes = [info.size, (*info.size, channels)]
-  if info.layers is not None:
-    shapes += [(info.layers, *shape) for shape in shapes]
-  if tuple(np.shape(matrix)) not in shapes:
+class _Reading(NamedTuple):
+  """One way a matrix's shape can fit a kernel."""
+
+  shape: tuple[int, ...]
+  meaning: str
+  stacked: bool  # a leading axis of one matrix per stacked layer.
+
+
+def _readings(info: KernelInfo, channels: int) -> list[_Reading]:
+  """Every shape a matrix may take for a kernel, with what it then means."""
+  size, layers = info.size, info.layers
+  out = [_Reading(size, f"its {len(size)}-D matrix", False),
+         _Reading((*size, channels), "one matrix per output channel", False)]
+  if layers is not None:
+    out += [_Reading((layers, *size), "one matrix per stacked layer", True),
+            _Reading((layers, *size, channels),
+                     "one matrix per stacked layer and output channel", True)]
+  return out
+
+
+def _reading(name: str, shape: tuple[int, ...], info: KernelInfo,
+             channels: int) -> _Reading | None:
+  """How a matrix of ``shape`` is read for a kernel, or None if it fits not.
+
+  Raises:
+    ValueError: if the shape fits the kernel in two ways.
+  """
+  fits = [r for r in _readings(info, channels) if r.shape == tuple(shape)]
+  if len(fits) > 1:
     raise ValueError(
-        f"scaling of shape {np.shape(matrix)} does not fit {name} with "
-        f"kernel size {info.size}, {channels} output channels and "
-        f"{info.layers or 'no'} stacked layers."
+        f"scaling of shape {tuple(shape)} is ambiguous for {name} (kernel "
+        f"size {info.size}, {channels} output channels, {info.layers} "
+        f"stacked layers): it could be {' or '.join(r.meaning for r in fits)}"
+        ". Pass the matrix with every axis, (layers, *size, C_out)."
     )
+  return fits[0] if fits else None
+
+
+def _fit_error(name: str, shape: tuple[int, ...], info: KernelInfo,
+               channels: int) -> ValueError:
+  return ValueError(
+      f"scaling of shape {tuple(shape)} does not fit {name} with kernel "
+      f"size {info.size}, {channels} output channels and "
+      f"{info.layers or 'no'} stacked layers."
+  )
+
+
+def _kernel_facts(kernel: Any, layout: str) -> tuple[KernelInfo, int]:
+  return (KernelInfo.of(kernel, layout),
+          _kernels.output_channels(kernel, layout))
 
 
 class _Spec(NamedTuple):
@@ -201,15 +239,28 @@ def _could_be_a_kernel(x: Any) -> bool:
           and jnp.issubdtype(x.dtype, jnp.floating))
 
 
-def _skip(spec: _Spec, name: str, reason: str) -> None:
+def _skip(spec: _Spec, name: str, reason: str) -> tuple[None, str]:
   if spec.strict:
     raise ValueError(f"sgs(strict=True): {name} is not scaled: {reason}.")
-  return None
+  return None, reason
+
+
+def _preset_matrix(spec: _Spec, name: str, size: tuple[int, ...]):
+  """A preset's (or the learned mode's all-ones) starting matrix."""
+  if any(s % 2 == 0 for s in size):
+    return _skip(spec, name, f"its kernel size {size} is even")
+  if spec.scaling is None:
+    return np.ones(size), None
+  reason = _branches.preset_skip_reason(spec.scaling, size)
+  if reason is not None:
+    return _skip(spec, name, reason)
+  branches, dilations = _branches.preset_branches(spec.scaling, size)
+  return _branches.branch_scaling(size, branches, dilations=dilations), None
 
 
 def _starting_matrix(spec: _Spec, name: str, kernel: Any, layout: Any,
-                     given: Any) -> Any:
-  """The matrix a kernel starts with, or None to leave it untouched."""
+                     given: Any) -> tuple[Any, str | None]:
+  """The matrix an eligible kernel starts with, or None and why not."""
   reason = _kernels.sgs_skip_reason(kernel, layout)
   if reason is not None:
     if given is not None and not spec.single_array:
@@ -223,35 +274,31 @@ def _starting_matrix(spec: _Spec, name: str, kernel: Any, layout: Any,
           "a 1-D conv, 'LHWIO' for stacked layers, 'DHWIO' for a 3-D conv) "
           "or None to skip it."
       )
-    return None
+    return None, None
   size = _kernels.spatial_shape(kernel, layout)
   if spec.single_array:
-    if tuple(np.shape(given)[:len(size)]) != size:
+    if given is None:
       return _skip(spec, name, f"no {size} matrix was given")
-    _check_fits(name, given, kernel, layout)
-    return given
+    return given, None
   if spec.scaling is None or isinstance(spec.scaling, str):
-    if any(s % 2 == 0 for s in size):
-      return _skip(spec, name, f"its kernel size {size} is even")
-    if spec.scaling is None:
-      return np.ones(size)
-    branches = _branches.preset_branches(spec.scaling, size)
-    return _branches.branch_scaling(size, branches)
+    return _preset_matrix(spec, name, size)
   if given is None:
     return _skip(spec, name, "the scaling pytree holds None there")
   _check_matrix(name, given)
-  _check_fits(name, given, kernel, layout)
-  return given
+  info, channels = _kernel_facts(kernel, layout)
+  if _reading(name, np.shape(given), info, channels) is None:
+    raise _fit_error(name, np.shape(given), info, channels)
+  return given, None
 
 
 def _as_state_matrix(name: str, matrix: Any, kernel: Any, layout: str,
                      normalize: bool) -> jax.Array:
   """The matrix in the state's dtype, normalised, one per stacked layer."""
-  info = KernelInfo.of(kernel, layout)
+  info, channels = _kernel_facts(kernel, layout)
   dtype = jnp.promote_types(jnp.float32, kernel.dtype)
+  reading = _reading(name, np.shape(matrix), info, channels)
   matrix = jnp.asarray(matrix, dtype)
-  lead = int(info.layers is not None and np.shape(matrix)[:len(info.size) + 1]
-             == (info.layers, *info.size))
+  lead = int(reading.stacked)
   if normalize:
     spatial = tuple(range(lead, lead + len(info.size)))
     mean = jnp.mean(matrix, axis=spatial, keepdims=True)
@@ -266,11 +313,65 @@ def _as_state_matrix(name: str, matrix: Any, kernel: Any, layout: str,
   return matrix
 
 
+def _is_size_prefix(shape: tuple[int, ...], info: KernelInfo) -> bool:
+  """Whether ``shape`` starts with the kernel's size (a mistyped fit)."""
+  n = len(info.size)
+  return shape[:n] == info.size or (
+      info.layers is not None and shape[:n + 1] == (info.layers, *info.size))
+
+
+def _single_array_targets(shape: tuple[int, ...], params: Any,
+                          layouts: Any) -> set[str]:
+  """The kernels one given array is for, resolved by their spatial rank.
+
+  Each eligible kernel reads the array by its own rank and stack (see
+  :func:`_readings`); the array must mean the same for every kernel it fits.
+
+  Raises:
+    ValueError: if the array fits kernels with different meanings (e.g. a
+      (3, 3) array: a 3x3 2-D kernel's matrix, and one matrix per output
+      channel of a 3-tap 1-D kernel with 3 output channels), fits a kernel in
+      two ways, fits no kernel, or starts with the size of a kernel of the
+      rank it is for but misfits it (e.g. a wrong channel count).
+  """
+  fits, near = {}, {}
+
+  def find(name, layout, kernel):
+    if _kernels.sgs_skip_reason(kernel, layout) is None:
+      info, channels = _kernel_facts(kernel, layout)
+      reading = _reading(name, shape, info, channels)
+      if reading is not None:
+        fits[name] = (len(info.size), reading.meaning)
+      elif _is_size_prefix(shape, info):
+        near[name] = (len(info.size), _fit_error(name, shape, info, channels))
+
+  _kernels.map_layouts(find, layouts, params)
+  meanings = {meaning: name for name, meaning in fits.items()}
+  if len(meanings) > 1:
+    which = "; ".join(f"{name} ({rank}-D kernel) as {reading}"
+                      for (rank, reading), name in sorted(meanings.items()))
+    raise ValueError(
+        f"scaling of shape {shape} is ambiguous: it fits {which}. Pass a "
+        "params-shaped pytree with a matrix (or None) per kernel instead."
+    )
+  ranks = {rank for rank, _ in meanings}
+  for rank, error in near.values():
+    if not ranks or rank in ranks:
+      raise error
+  if not fits:
+    raise ValueError(
+        f"scaling of shape {shape} does not fit any selected conv kernel of "
+        "the params."
+    )
+  return set(fits)
+
+
 def _given_tree(spec: _Spec, params: Any, layouts: Any) -> Any:
   """A params-shaped tree of the user's matrices (None where none given)."""
   if spec.single_array:
-    return jax.tree.map(lambda layout: None if layout is None else
-                        spec.scaling, layouts, is_leaf=_kernels.is_layout_leaf)
+    targets = _single_array_targets(np.shape(spec.scaling), params, layouts)
+    return _kernels.map_layouts(
+        lambda name, _: spec.scaling if name in targets else None, layouts)
   if spec.scaling is None or isinstance(spec.scaling, str):
     return jax.tree.map(lambda _: None, layouts,
                         is_leaf=_kernels.is_layout_leaf)
@@ -283,6 +384,24 @@ def _given_tree(spec: _Spec, params: Any, layouts: Any) -> Any:
   # Masked-out leaves take no matrix, whatever the user's tree holds there.
   return jax.tree.map(lambda x, g: None if _is_masked(x) else g, params,
                       spec.scaling, is_leaf=_is_masked)
+
+
+def _check_something_scaled(spec: _Spec, matrices: dict,
+                            skipped: dict[str, str]) -> None:
+  """A preset or the learned mode that scales no kernel at all raises."""
+  if matrices or not skipped or not (
+      spec.scaling is None or isinstance(spec.scaling, str)):
+    return
+  by_reason = {}
+  for name, why in skipped.items():
+    by_reason.setdefault(why, []).append(name)
+  reasons = "; ".join(f"{', '.join(names)}: {why}"
+                      for why, names in by_reason.items())
+  raise ValueError(
+      f"sgs({spec.scaling!r}) scales none of the conv kernels it selected "
+      f"({reasons}). Pass matrices (e.g. from branch_scaling) or another "
+      "preset, or leave these kernels out with kernel_layout or mask."
+  )
 
 
 def _scale_by_table(spec: _Spec, learned: bool,
@@ -300,21 +419,20 @@ def _scale_by_table(spec: _Spec, learned: bool,
       return SpatialScalingState(scalings=jnp.zeros((0,), jnp.float32))
     layouts = _kernels.resolve_layouts(params, kernel_layout)
     given = _given_tree(spec, params, layouts)
-    matrices, kernels = {}, {}
+    matrices, kernels, skipped = {}, {}, {}
 
     def add(name, layout, kernel, given_matrix):
-      matrix = _starting_matrix(spec, name, kernel, layout, given_matrix)
+      matrix, reason = _starting_matrix(spec, name, kernel, layout,
+                                        given_matrix)
       if matrix is not None:
         matrices[name] = _as_state_matrix(name, matrix, kernel, layout,
                                           spec.normalize)
         kernels[name] = KernelInfo.of(kernel, layout)
+      elif reason is not None:
+        skipped[name] = reason
 
     _kernels.map_layouts(add, layouts, params, given)
-    if spec.single_array and not matrices:
-      raise ValueError(
-          f"scaling of shape {np.shape(spec.scaling)} does not fit any "
-          "selected conv kernel of the params."
-      )
+    _check_something_scaled(spec, matrices, skipped)
     structure = jax.tree.structure(params, is_leaf=_is_masked)
     return SpatialScalingState(
         ScalingTable(matrices, structure, learned, kernels))
@@ -378,14 +496,17 @@ def spatial_gradient_scaling(
     normalize: bool = False,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Multiplies each 2-D conv kernel's gradient by a per-layer spatial matrix.
+  r"""Multiplies each conv kernel's gradient by a per-layer spatial matrix.
 
-  For every eligible kernel (2-D conv, ``kh > 1`` and ``kw > 1``, the stem and
-  depthwise convs included) the gradient ``g`` becomes ``S * g`` with ``S`` of
-  shape ``(kh, kw)`` broadcast over the channel axes (or ``(kh, kw, C_out)``,
-  one matrix per output channel). Every other leaf (biases, norm scales, dense
-  kernels, 1x1, 1xK and Kx1 convs, 1-D and 3-D convs) passes through
-  bit-identical.
+  For every eligible kernel the gradient ``g`` becomes ``S * g``, with ``S``
+  of the kernel's spatial shape (``(k,)``, ``(kh, kw)`` or ``(kd, kh, kw)``)
+  broadcast over the channel axes, or with a trailing ``C_out`` axis (one
+  matrix per output channel). Eligible, the same rule for 1-D, 2-D and 3-D
+  convs: a floating-point kernel whose spatial sizes are all at least 2, the
+  stem and depthwise convs included. A size-1 axis mixes no neighbours, so
+  1x1, 1xK and Kx1 2-D kernels (never scaled in the paper), 1-tap 1-D
+  kernels and 3-D kernels such as ``(1, 3, 3)`` pass through bit-identical,
+  as do biases, norm scales and dense kernels.
 
   With ``S = branch_scaling(...)`` of a set of parallel branches, SGD on the
   merged conv is *exactly* SGD on the branched conv (plain, heavy-ball or
@@ -404,12 +525,35 @@ def spatial_gradient_scaling(
     scaling: what to multiply by.
 
       * ``None``: all ones (a no-op) until the matrices are refreshed from
-        data with :func:`sgs_optax.refresh_scalings` (odd kernels only).
-      * ``"acb"`` (KxK + 1xK + Kx1) or ``"repvgg"`` (KxK + 1x1): the exact
-        matrix of those branches, built for each kernel's own size (odd
-        kernels only).
-      * an array of shape ``(kh, kw)``, used for every eligible kernel of that
-        spatial size (other sizes are left alone), or ``(kh, kw, C_out)``.
+        data with :func:`sgs_optax.refresh_scalings` (odd sizes only).
+      * a preset: the exact matrix of a branch set, built for each kernel's
+        own (odd) size, every branch centred, unit scales:
+
+        - ``"acb"``: KxK + 1xK + Kx1 (ACNet), 2-D kernels only (in 1-D its
+          asymmetric branches are the kernel itself or one tap; in 3-D they
+          could be lines or planes: build the one you mean with
+          :func:`sgs_optax.branch_scaling`);
+        - ``"repvgg"``: the kernel + its centre tap (RepVGG's 3x3 + 1x1), any
+          rank;
+        - ``"replknet"``: the kernel + a centred 5 taps per axis (RepLKNet's
+          large kernel with a parallel 5x5), every axis at least 5;
+        - ``"unireplknet"``: the kernel + UniRepLKNet's dilated small kernels,
+          for equal sizes 5 to 17 on every axis (e.g. 13: sizes (5, 7, 3, 3,
+          3), dilations (1, 2, 3, 4, 5)); see
+          :func:`sgs_optax.preset_branches`.
+
+        The published blocks train a BatchNorm on every branch, so they match
+        these presets only with frozen unit scales: the presets are their
+        unit-scale analogues. A kernel a preset is not defined for is left
+        alone (``strict=True`` raises); a preset that scales none of the
+        selected kernels raises.
+      * an array, used for every eligible kernel it fits, read by that
+        kernel's rank: ``size`` (its matrix), ``(*size, C_out)`` (one per
+        output channel) and, for stacked layers, ``(L, *size)`` and ``(L,
+        *size, C_out)``. Kernels it does not fit are left alone. It must mean
+        the same for every kernel: a ``(3, 3)`` array is the matrix of a 3x3
+        2-D kernel but one matrix per output channel of a 3-tap 1-D kernel
+        with 3 output channels, so params holding both raise (pass a pytree).
       * a pytree with the structure of the params holding such an array or
         ``None`` at each leaf.
 
@@ -420,10 +564,12 @@ def spatial_gradient_scaling(
       ``sgs("acb", learn=True)`` starts from ACB and is refreshed. The
       refresh never touches a transform built with ``learn=False``.
     kernel_layout: ``"HWIO"`` (Flax, Haiku), ``"OIHW"`` (PyTorch-style,
-      Equinox), another layout string, or a params-shaped pytree (or callable
-      ``params -> pytree``) of layout strings and ``None`` per leaf, e.g. for
-      transposed convs (``"HWOI"``) or mixed models. A string applies to every
-      leaf of its rank.
+      Equinox), another layout string (``"WIO"``, ``"OIW"``, ``"DHWIO"``,
+      ``"OIDHW"`` for 1-D and 3-D convs, a leading ``"L"`` for stacked
+      layers), or a params-shaped pytree (or callable ``params -> pytree``)
+      of layout strings and ``None`` per leaf, e.g. for transposed convs
+      (``"HWOI"``) or models mixing ranks. A string applies to every leaf of
+      its rank.
     mask: optional optax-style mask (a pytree of booleans, possibly a prefix
       of the params, or a callable returning one); the transform is then
       ``optax.masked(..., mask)`` and leaves where it is False are never
@@ -433,8 +579,8 @@ def spatial_gradient_scaling(
       equivalent to the branched network; with no weight decay in the chain,
       normalising is the same as dividing the learning rate by ``mean(S)``.
     strict: raise instead of silently leaving an eligible kernel unscaled
-      (an even-sized kernel under a preset or the learned mode, or a kernel
-      whose size no given ``(kh, kw)`` array fits).
+      (an even-sized kernel under a preset or the learned mode, a kernel a
+      preset is not defined for, or a kernel no given array fits).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -442,10 +588,12 @@ def spatial_gradient_scaling(
     ``mask``).
 
   Raises:
-    ValueError: for an unknown preset or layout, a matrix that does not fit its
-      kernel, a ``scaling`` pytree that does not match the params, a matrix
-      that is not an array, negative, non-finite, or of mean 0 with
-      ``normalize=True``, and (with ``strict=True``) unscaled kernels.
+    ValueError: for an unknown preset or layout, a preset that scales no
+      selected kernel, a matrix that does not fit its kernel or an array that
+      fits kernels with different meanings, a ``scaling`` pytree that does
+      not match the params, a matrix that is not an array, negative,
+      non-finite, or of mean 0 with ``normalize=True``, and (with
+      ``strict=True``) unscaled kernels.
 
   Examples:
     >>> import jax.numpy as jnp, optax, sgs_optax
@@ -458,10 +606,17 @@ def spatial_gradient_scaling(
     Array([[-0.1, -0.2, -0.1],
            [-0.2, -0.3, -0.2],
            [-0.1, -0.2, -0.1]], dtype=float32)
+    >>> conv1d = {"kernel": jnp.ones((7, 2, 4))}  # a 7-tap 1-D conv
+    >>> state = sgs_optax.sgs("unireplknet", kernel_layout="WIO").init(conv1d)
+    >>> sgs_optax.get_scalings(state)["kernel"]
+    Array([2., 3., 2., 4., 2., 3., 2.], dtype=float32)
 
   References:
     Detkov et al., `Reparameterization through Spatial Gradient Scaling
     <https://arxiv.org/abs/2303.02733>`_, ICLR 2023.
+    Ding et al., `Scaling Up Your Kernels to 31x31
+    <https://arxiv.org/abs/2203.06717>`_, CVPR 2022 (RepLKNet).
+    Ding et al., `UniRepLKNet <https://arxiv.org/abs/2311.15599>`_, CVPR 2024.
   """
   spec = _validated_spec(scaling, normalize, strict,
                          isinstance(kernel_layout, str))

@@ -36,7 +36,7 @@ def test_branch_scaling_sums_squared_scales_per_channel():
     [
         ([(5, 5)], None, "does not fit"),
         ([(2, 3)], None, "cannot be centred"),
-        ([(0, 1)], None, "does not fit"),
+        ([(0, 1)], None, "at least 1"),
         ([(3, 3), (1, 1)], [1.0], "2 branches"),
         ([(3, 3), (1, 1)], [np.ones(2), np.ones(3)], "same length"),
         ([(3, 3)], [np.ones((2, 2))], "scalar or a \\(C_out,\\)"),
@@ -86,3 +86,154 @@ def test_merge_branches_pads_each_branch_into_the_centre():
 def test_empty_branch_list_raises():
   with pytest.raises(ValueError, match="branches is empty"):
     sgs_optax.branch_scaling((3, 3), [])
+
+
+# N-D and dilated branch sets. Masks are written out by hand.
+
+
+def test_branch_scaling_one_d_with_a_dilated_branch():
+  # 7 taps; 3 taps on 2..4; 3 taps with dilation 2 on 1, 3, 5.
+  got = sgs_optax.branch_scaling((7,), [7, (3,), 3], dilations=[1, 1, 2])
+  np.testing.assert_array_equal(got, [1, 2, 2, 3, 2, 2, 1])
+
+
+def test_branch_scaling_three_d():
+  # 3x3x3 + centre tap + the middle depth plane (1x3x3).
+  got = sgs_optax.branch_scaling((3, 3, 3), [3, (1, 1, 1), (1, 3, 3)])
+  expected = np.array([
+      [[1, 1, 1], [1, 1, 1], [1, 1, 1]],
+      [[2, 2, 2], [2, 3, 2], [2, 2, 2]],
+      [[1, 1, 1], [1, 1, 1], [1, 1, 1]]], float)
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_branch_scaling_dilated_two_d_spec_example_with_scales():
+  # SPEC 1.2: 7x7 + 3x3 (d 2) + 3x3 (d 3); here with scales 1, 2, 3.
+  got = sgs_optax.branch_scaling((7, 7), [(7, 7), (3, 3), (3, 3)],
+                                 scales=[1.0, 2.0, 3.0], dilations=[1, 2, 3])
+  expected = np.array([
+      [10, 1, 1, 10, 1, 1, 10],
+      [1, 5, 1, 5, 1, 5, 1],
+      [1, 1, 1, 1, 1, 1, 1],
+      [10, 5, 1, 14, 1, 5, 10],
+      [1, 1, 1, 1, 1, 1, 1],
+      [1, 5, 1, 5, 1, 5, 1],
+      [10, 1, 1, 10, 1, 1, 10]], float)
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_branch_scaling_per_axis_dilation_and_per_channel_scale():
+  alpha = np.array([1.0, 2.0])
+  got = sgs_optax.branch_scaling((5, 3), [(5, 3), (3, 1)], [1.0, alpha],
+                                 dilations=[1, (2, 1)])
+  expected = np.ones((5, 3, 2))
+  for row in (0, 2, 4):
+    expected[row, 1] += alpha**2
+  np.testing.assert_array_equal(got, expected)
+
+
+def loop_unireplknet_13():
+  """UniRepLKNet's K = 13 block by loops: 13 + (5,7,3,3,3) x (1,2,3,4,5)."""
+  s = np.ones((13, 13))
+  for size, dilation in zip((5, 7, 3, 3, 3), (1, 2, 3, 4, 5)):
+    positions = [6 + (i - size // 2) * dilation for i in range(size)]
+    for r in positions:
+      for c in positions:
+        s[r, c] += 1
+  return s
+
+
+def test_unireplknet_preset_matches_the_published_table():
+  branches, dilations = sgs_optax.preset_branches("unireplknet", (13, 13))
+  assert branches == [(13, 13), (5, 5), (7, 7), (3, 3), (3, 3), (3, 3)]
+  assert dilations == [(1, 1), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]
+  got = sgs_optax.branch_scaling((13, 13), branches, dilations=dilations)
+  np.testing.assert_array_equal(got, loop_unireplknet_13())
+  assert got[6, 6] == 6 and got[0, 0] == 2 and got[0, 1] == 1
+  for k in (5, 7, 9, 11, 15, 17):  # every published size fits centred.
+    branches, dilations = sgs_optax.preset_branches("unireplknet", (k,))
+    sgs_optax.branch_scaling((k,), branches, dilations=dilations)
+  assert sgs_optax.preset_branches("replknet", (31, 31)) == (
+      [(31, 31), (5, 5)], [(1, 1), (1, 1)])
+  assert sgs_optax.preset_branches("repvgg", (3, 3, 3)) == (
+      [(3, 3, 3), (1, 1, 1)], [(1, 1, 1), (1, 1, 1)])
+
+
+@pytest.mark.parametrize(
+    "kernel_size, branches, dilations, match",
+    [
+        ((7,), [(7, 7)], None, "1 ints"),
+        ((3, 3), [(3,)], None, "2 ints"),
+        ((7,), [7, 3], [1], "one dilation"),
+        ((7,), [3], [4], "spans \\(9,\\).*does not fit"),
+        ((7,), [2], None, "cannot be centred"),
+        ((6,), [3], [2], "cannot be centred"),
+        ((7,), [3], [0], "at least 1"),
+        (7, [3], None, "one size per spatial axis"),
+    ],
+)
+def test_nd_branch_errors(kernel_size, branches, dilations, match):
+  with pytest.raises(ValueError, match=match):
+    sgs_optax.branch_scaling(kernel_size, branches, dilations=dilations)
+
+
+def test_preset_errors():
+  with pytest.raises(ValueError, match="Unknown scaling preset"):
+    sgs_optax.preset_branches("dbb", (3, 3))
+  with pytest.raises(ValueError, match="2-D kernels only"):
+    sgs_optax.preset_branches("acb", (3, 3, 3))
+  with pytest.raises(ValueError, match="at least 5"):
+    sgs_optax.preset_branches("replknet", (31, 3))
+  with pytest.raises(ValueError, match="published"):
+    sgs_optax.preset_branches("unireplknet", (31, 31))
+
+
+ND_CASES = {  # kernel, branches, dilations, strides, padding, groups, input.
+    "1d_causal": ((7,), [7, 3, 3], [1, 1, 3], 2, "CAUSAL", 3, (2, 16, 3)),
+    "1d_same": ((7,), [7, 5, 3], [1, 1, 2], 1, "SAME", 1, (2, 15, 3)),
+    "2d_dilated": ((7, 7), [7, 3, 3], [1, 2, 3], 2, "SAME", 1, (2, 11, 10, 2)),
+    "2d_circular": ((5, 5), [5, 3], [1, 2], 1, "CIRCULAR", 2, (2, 8, 8, 2)),
+    "2d_explicit": ((5, 3), [(5, 3), (1, 3), (3, 1)], None, (2, 1),
+                    ((2, 1), (0, 3)), 1, (2, 9, 8, 2)),
+    "3d": ((3, 3, 3), [3, (1, 3, 3), (3, 1, 1), 1], None, 1, "SAME", 1,
+           (2, 5, 6, 4, 2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ND_CASES))
+def test_nd_branched_conv_equals_plain_conv_with_merged_kernel(case):
+  kernel, branches, dilations, strides, padding, groups, shape = ND_CASES[case]
+  features = 2 * shape[-1] if groups > 1 else 4
+  scales = [1.0] + [np.linspace(0.5, 1.5, features)] + [
+      2.0 + i for i in range(len(branches) - 2)]
+  branched = sgs_optax.BranchedConv(
+      features, kernel, branches, scales, dilations=dilations,
+      strides=strides, padding=padding, feature_group_count=groups)
+  x = jax.random.normal(jax.random.key(0), shape)
+  params = branched.init(jax.random.key(1), x)["params"]
+  params["bias"] = jnp.arange(float(features))
+  merged = sgs_optax.merge_branches(params, kernel, branches, scales,
+                                    dilations)
+  plain = nn.Conv(features, kernel, strides=strides, padding=padding,
+                  feature_group_count=groups)
+  want = plain.apply({"params": merged}, x)
+  got = branched.apply({"params": params}, x)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_branches_places_dilated_taps_as_written_by_hand():
+  params = {"kernel_0": jnp.zeros((7, 1, 1)),
+            "kernel_1": jnp.array([1.0, 2.0, 3.0]).reshape(3, 1, 1)}
+  merged = sgs_optax.merge_branches(params, (7,), [7, 3], [1.0, 10.0],
+                                    dilations=[1, 3])
+  np.testing.assert_array_equal(merged["kernel"][:, 0, 0],
+                                [10, 0, 0, 20, 0, 0, 30])
+  with pytest.raises(ValueError, match="kernel_1"):
+    sgs_optax.merge_branches(params, (7,), [7, 5], dilations=[1, 1])
+
+
+def test_branched_conv_rejects_inputs_of_another_rank():
+  conv = sgs_optax.BranchedConv(2, (3,), [3, 1])
+  with pytest.raises(ValueError, match="1-D kernel_size"):
+    conv.init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))

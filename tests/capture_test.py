@@ -302,3 +302,49 @@ def test_equinox_module_and_vmapped_function():
                              batched.second.weight.inputs[:1], rtol=1e-5,
                              atol=1e-6)
   assert same_keys(batched, eqx.filter(model, eqx.is_array))
+
+
+class NDNet(nn.Module):
+  """A 1-D and a 3-D branch of Flax convs, SAME padded, one strided."""
+
+  @nn.compact
+  def __call__(self, seq, vol):
+    s = nn.relu(nn.Conv(4, (9,), name="c1a")(seq))
+    s = nn.Conv(4, (5,), strides=2, name="c1b")(s)
+    v = nn.relu(nn.Conv(3, (3, 3, 3), name="c3a")(vol))
+    v = nn.Conv(2, (3, 1, 5), strides=2, name="c3b")(v)
+    return s.mean(axis=1).sum(-1) + v.mean(axis=(1, 2, 3)).sum(-1)
+
+
+def test_one_d_and_three_d_flax_convs_are_captured():
+  seq = jax.random.normal(jax.random.key(0), (2, 16, 3))
+  vol = jax.random.normal(jax.random.key(1), (2, 6, 5, 4, 2))
+  model = NDNet()
+  params = model.init(jax.random.key(2), seq, vol)["params"]
+  captured = sgs_optax.capture_conv_inputs(model, {"params": params}, seq,
+                                           vol)
+  assert same_keys(captured, params)
+  # First layers read the data; second layers the first layers' outputs,
+  # recomputed here with lax.
+  def conv(x, p, letters, pads):
+    return jax.lax.conv_general_dilated(
+        x, p["kernel"], (1,) * len(letters), pads,
+        dimension_numbers=(f"N{letters}C", f"{letters}IO",
+                           f"N{letters}C")) + p["bias"]
+
+  hidden_seq = jax.nn.relu(conv(seq, params["c1a"], "W", [(4, 4)]))
+  hidden_vol = jax.nn.relu(conv(vol, params["c3a"], "DHW", [(1, 1)] * 3))
+  expected = {"c1a": (seq, ((4, 4),), (9,)),
+              "c1b": (hidden_seq, ((1, 2),), (5,)),
+              "c3a": (vol, ((1, 1),) * 3, (3, 3, 3)),
+              "c3b": (hidden_vol, ((0, 1), (0, 0), (1, 2)), (3, 1, 5))}
+  for name, (inputs, pads, size) in expected.items():
+    record = captured[name]["kernel"]
+    np.testing.assert_allclose(record.inputs, inputs, rtol=1e-5, atol=1e-6)
+    assert record.padding == pads, name
+    assert record.kernel_size == size, name
+  # lax's own SAME pads, for the strided layers.
+  assert tuple(jax.lax.padtype_to_pads((16,), (5,), (2,), "SAME")) == ((1, 2),)
+  assert tuple(map(tuple, jax.lax.padtype_to_pads(
+      (6, 5, 4), (3, 1, 5), (2, 2, 2), "SAME"))) == ((0, 1), (0, 0), (1, 2))
+  assert captured["c1a"]["bias"] is None

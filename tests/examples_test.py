@@ -78,3 +78,35 @@ def test_equinox_example_tiny_learns_and_refreshes_oihw_matrices():
   (baseline, _), (accuracy, opt_state) = results.values()
   assert_learned_beside(baseline, accuracy, floor=0.5, spread=0.15)
   assert_learned_matrix(sgs_optax.get_scalings(opt_state).conv1.weight)
+
+
+def assert_learned_nd_matrix(matrix, size):
+  """As assert_learned_matrix, for a kernel of any spatial size."""
+  matrix = np.asarray(matrix)
+  assert matrix.shape == size and not np.allclose(matrix, 1.0)
+  np.testing.assert_allclose(matrix.mean(), 1.0, rtol=1e-5)
+  assert matrix[tuple(s // 2 for s in size)] == matrix.max()
+
+
+def test_sequence_example_tiny_learns_and_refreshes_one_d_matrices():
+  from examples import sequence_training  # pylint: disable=g-import-not-at-top
+
+  results = sequence_training.main(["--tiny"])
+  (baseline, _), (accuracy, opt_state) = results.values()
+  # Four motifs (chance 0.25); 4 epochs on 1536 sequences.
+  assert_learned_beside(baseline, accuracy, floor=0.45, spread=0.15)
+  scalings = sgs_optax.get_scalings(opt_state)
+  for layer in ("Conv_0", "Conv_1", "Conv_2"):
+    assert_learned_nd_matrix(scalings[layer]["kernel"], (9,))
+
+
+def test_volume_example_tiny_learns_and_refreshes_three_d_matrices():
+  from examples import volume_training  # pylint: disable=g-import-not-at-top
+
+  results = volume_training.main(["--tiny"])
+  (baseline, _), (accuracy, opt_state) = results.values()
+  # Four shapes (chance 0.25); 4 epochs on 576 volumes.
+  assert_learned_beside(baseline, accuracy, floor=0.35, spread=0.2)
+  scalings = sgs_optax.get_scalings(opt_state)
+  for layer in ("Conv_0", "Conv_1"):
+    assert_learned_nd_matrix(scalings[layer]["kernel"], (3, 3, 3))

@@ -25,3 +25,14 @@ def test_ci_runs_the_readme_test_command():
   block = README.split("<!-- test-command -->", 1)[1]
   command = re.search(r"```bash\n(.*?)\n```", block, re.S).group(1)
   assert "pytest" in command and "pip install" in command
+
+
+def test_nd_example_runs(capsys):
+  section = README.split("### 1-D, 3-D and dilated kernels", 1)[1]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
+  lines = capsys.readouterr().out.splitlines()
+  numbers = lambda line: [float(v) for v in re.findall(r"\d+\.?\d*", line)]
+  assert numbers(lines[0]) == [2, 2, 1, 3, 1, 2, 2, 2, 1, 1, 2, 1, 1, 2]
+  assert numbers(lines[1]) == [1] * 6 + [2] + [1] * 6 + [1, 2, 1]
+  assert numbers(lines[2]) == [13, 5, 7, 3, 3, 3, 1, 1, 2, 3, 4, 5]

@@ -279,3 +279,50 @@ def test_transposed_conv_is_learned_from_its_dilated_input():
                           (3, 3))
   np.testing.assert_allclose(sgs_optax.get_scalings(new)["up"]["kernel"],
                              want, rtol=1e-5)
+
+
+def direct_scaling(inputs, kernel_size, pads):
+  """The estimator run directly, normalised to mean 1 by hand."""
+  d = np.asarray(sgs_optax.spatial_dependence(inputs, kernel_size,
+                                              padding=pads), np.float64)
+  return d / d.mean()
+
+
+def test_one_d_and_three_d_kernels_are_learned_from_hand_built_inputs():
+  keys = jax.random.split(jax.random.key(7), 3)
+  x1 = jax.nn.relu(jax.random.normal(keys[0], (3, 40, 3)))
+  x31 = jax.nn.relu(jax.random.normal(keys[1], (2, 48, 2)))
+  x3 = jax.nn.relu(jax.random.normal(keys[2], (2, 6, 7, 5, 2)))
+  params = {"c1": jnp.ones((9, 3, 5)), "c31": jnp.ones((31, 2, 2)),
+            "c3": jnp.ones((3, 3, 3, 2, 4)), "bias": jnp.ones(4)}
+  layouts = {"c1": "WIO", "c31": "WIO", "c3": "DHWIO", "bias": None}
+  state = optax.chain(sgs_optax.sgs(kernel_layout=layouts),
+                      optax.sgd(0.1)).init(params)
+  inputs = {"c1": (x1, (9,), ((4, 4),)), "c31": (x31, (31,), ((15, 15),)),
+            "c3": (x3, (3, 3, 3), ((1, 1), (0, 2), (1, 1)))}
+  captured = {name: sgs_optax.ConvInput(x, pads, kernel_size=size)
+              for name, (x, size, pads) in inputs.items()}
+  captured["bias"] = None
+  new = jax.jit(sgs_optax.refresh_scalings)(state, captured)
+  scalings = sgs_optax.get_scalings(new)
+  for name, (x, size, pads) in inputs.items():
+    got = np.asarray(scalings[name])
+    assert got.shape == size and not np.allclose(got, 1.0)
+    np.testing.assert_allclose(got, direct_scaling(x, size, pads), rtol=1e-5)
+    assert got[tuple(s // 2 for s in size)] == got.max()
+
+
+def test_stacked_one_d_layers_get_one_mean_one_matrix_each():
+  x = jax.nn.relu(jax.random.normal(jax.random.key(8), (2, 3, 30, 2)))
+  # The second layer sees a smoothed input: a different dependence.
+  x = x.at[1].set(jnp.cumsum(x[1], axis=1) / 10)
+  params = {"stack": jnp.ones((2, 5, 2, 3))}
+  state = sgs_optax.sgs(kernel_layout="LWIO").init(params)
+  captured = {"stack": sgs_optax.ConvInput(x, ((2, 2),), kernel_size=(5,))}
+  got = np.asarray(sgs_optax.get_scalings(
+      sgs_optax.refresh_scalings(state, captured))["stack"])
+  assert got.shape == (2, 5)
+  for layer in range(2):
+    np.testing.assert_allclose(
+        got[layer], direct_scaling(x[layer], (5,), ((2, 2),)), rtol=1e-5)
+  assert not np.allclose(got[0], got[1], rtol=1e-2)

@@ -212,13 +212,136 @@ def test_layout_tree_and_callable_for_mixed_models():
           grads)
 
 
-def test_one_d_and_three_d_convs_are_not_scaled():
-  grads = {"conv1d": jnp.ones((3, 2, 4)), "conv3d": jnp.ones((3, 3, 3, 2, 4))}
-  layouts = {"conv1d": "WIO", "conv3d": "DHWIO"}
-  out, state = apply(sgs_optax.sgs("acb", kernel_layout=layouts), grads)
-  assert all(s is None for s in jax.tree.leaves(
-      sgs_optax.get_scalings(state), is_leaf=lambda x: x is None))
-  np.testing.assert_array_equal(out["conv3d"], grads["conv3d"])
+def nd_grads():
+  keys = jax.random.split(jax.random.key(3), 6)
+  shapes = {"c1": (7, 2, 4), "c1_torch": (4, 2, 5), "c3": (3, 3, 3, 2, 4),
+            "c3_torch": (4, 2, 3, 5, 3), "frame": (1, 3, 3, 2, 4),
+            "tap": (1, 2, 4)}
+  grads = {k: jax.random.normal(key, shape)
+           for key, (k, shape) in zip(keys, shapes.items())}
+  layouts = {"c1": "WIO", "c1_torch": "OIW", "c3": "DHWIO",
+             "c3_torch": "OIDHW", "frame": "DHWIO", "tap": "WIO"}
+  return grads, layouts
+
+
+def test_one_d_and_three_d_kernels_are_scaled_like_2d():
+  grads, layouts = nd_grads()
+  out, state = apply(sgs_optax.sgs("repvgg", kernel_layout=layouts), grads)
+  # RepVGG (kernel + centre tap), written out per kernel.
+  c1 = np.array([1.0, 1, 1, 2, 1, 1, 1])
+  c3 = np.ones((3, 3, 3))
+  c3[1, 1, 1] = 2
+  c3_torch = np.ones((3, 5, 3))
+  c3_torch[1, 2, 1] = 2
+  np.testing.assert_array_equal(out["c1"], grads["c1"] * c1[:, None, None])
+  np.testing.assert_array_equal(out["c1_torch"],
+                                grads["c1_torch"] * np.array([1.0, 1, 2, 1, 1]))
+  np.testing.assert_array_equal(out["c3"],
+                                grads["c3"] * c3[..., None, None])
+  np.testing.assert_array_equal(out["c3_torch"], grads["c3_torch"] * c3_torch)
+  # A size-1 axis: never scaled, in any rank (as 1xK is not in 2-D).
+  assert out["frame"] is grads["frame"] and out["tap"] is grads["tap"]
+  scalings = sgs_optax.get_scalings(state)
+  assert scalings["frame"] is None and scalings["tap"] is None
+  np.testing.assert_array_equal(scalings["c1_torch"], [1, 1, 2, 1, 1])
+
+
+def test_learned_mode_starts_nd_kernels_at_ones_and_skips_even_sizes():
+  grads, layouts = nd_grads()
+  grads["even"] = jnp.ones((4, 2, 2))
+  layouts["even"] = "WIO"
+  _, state = apply(sgs_optax.sgs(kernel_layout=layouts), grads)
+  scalings = sgs_optax.get_scalings(state)
+  assert scalings["c3_torch"].shape == (3, 5, 3)
+  np.testing.assert_array_equal(scalings["c1"], np.ones(7))
+  assert scalings["even"] is None
+  with pytest.raises(ValueError, match="even.*even"):
+    sgs_optax.sgs(kernel_layout=layouts, strict=True).init(grads)
+  with pytest.raises(ValueError, match="scales none.*even"):
+    sgs_optax.sgs(kernel_layout="WIO").init({"even": grads["even"]})
+
+
+def test_acb_is_2d_only_and_never_silently_a_no_op():
+  grads, layouts = nd_grads()
+  with pytest.raises(ValueError, match="scales none.*c1.*2-D kernels only"):
+    sgs_optax.sgs("acb", kernel_layout=layouts).init(grads)
+  grads["c2"], layouts["c2"] = jnp.ones((3, 3, 2, 4)), "HWIO"
+  out, _ = apply(sgs_optax.sgs("acb", kernel_layout=layouts), grads)
+  np.testing.assert_array_equal(out["c2"], ACB3[:, :, None, None] *
+                                np.ones((3, 3, 2, 4)))
+  assert out["c1"] is grads["c1"]
+  with pytest.raises(ValueError, match="strict.*c1.*2-D kernels only"):
+    sgs_optax.sgs("acb", kernel_layout=layouts, strict=True).init(grads)
+
+
+def test_stacked_nd_layouts_get_one_matrix_per_layer():
+  grads = {"c1": jnp.ones((2, 5, 3, 4)), "c3": jnp.ones((2, 3, 3, 3, 3, 4))}
+  layouts = {"c1": "LWIO", "c3": "LDHWIO"}
+  out, state = apply(sgs_optax.sgs("repvgg", kernel_layout=layouts), grads)
+  scalings = sgs_optax.get_scalings(state)
+  assert scalings["c1"].shape == (2, 5) and scalings["c3"].shape == (2, 3, 3, 3)
+  np.testing.assert_array_equal(out["c1"][1, :, 0, 0], [1, 1, 2, 1, 1])
+  assert float(out["c3"][0, 1, 1, 1, 0, 0]) == 2.0
+  assert float(out["c3"].sum()) == 2 * 3 * 4 * (27 + 1)
+
+
+def test_single_array_is_read_by_each_kernels_rank():
+  two_d = jax.random.normal(jax.random.key(0), (3, 3, 2, 4))
+  one_d = jax.random.normal(jax.random.key(1), (3, 2, 4))
+  one_d_3_out = jax.random.normal(jax.random.key(2), (3, 2, 3))
+  matrix = jnp.asarray(ACB3)
+  # A 3x3 2-D kernel reads (3, 3) as its matrix; the 3-tap 1-D kernel with 4
+  # output channels cannot read it, and is left alone.
+  grads = {"c2": two_d, "c1": one_d}
+  layouts = {"c2": "HWIO", "c1": "WIO"}
+  out, _ = apply(sgs_optax.sgs(matrix, kernel_layout=layouts), grads)
+  np.testing.assert_allclose(out["c2"], two_d * ACB3[:, :, None, None])
+  assert out["c1"] is one_d
+  # Alone, a 3-tap 1-D kernel with 3 outputs reads it per output channel.
+  out, _ = apply(sgs_optax.sgs(matrix, kernel_layout="WIO"),
+                 {"c1": one_d_3_out})
+  np.testing.assert_allclose(out["c1"], one_d_3_out * ACB3[:, None, :])
+  # Both at once: ambiguous.
+  grads = {"c2": two_d, "c1": one_d_3_out}
+  with pytest.raises(ValueError, match="ambiguous.*c1.*c2"):
+    sgs_optax.sgs(matrix, kernel_layout=layouts).init(grads)
+  # Meant for the 1-D kernel (its size) but a wrong channel count.
+  with pytest.raises(ValueError, match="does not fit c1"):
+    sgs_optax.sgs(matrix, kernel_layout="WIO").init({"c1": one_d})
+  # One kernel reading a shape two ways (3 layers of 3 taps, 3 outputs).
+  with pytest.raises(ValueError, match="ambiguous for s"):
+    sgs_optax.sgs(matrix, kernel_layout="LWIO").init(
+        {"s": jnp.ones((3, 3, 2, 3))})
+
+
+def test_large_kernel_presets_are_their_published_branch_sets():
+  grads = {"k7": jnp.ones((7, 7, 1, 2)), "k31": jnp.ones((31, 1, 2)),
+           "k3": jnp.ones((3, 3, 1, 2))}
+  layouts = {"k7": "HWIO", "k31": "WIO", "k3": "HWIO"}
+  _, state = apply(sgs_optax.sgs("replknet", kernel_layout=layouts), grads)
+  scalings = sgs_optax.get_scalings(state)
+  k7 = np.ones((7, 7))
+  k7[1:6, 1:6] += 1  # a centred 5x5
+  np.testing.assert_array_equal(scalings["k7"], k7)
+  np.testing.assert_array_equal(scalings["k31"], [1] * 13 + [2] * 5 + [1] * 13)
+  assert scalings["k3"] is None  # no 5-tap branch fits a 3x3 kernel.
+  _, state = apply(sgs_optax.sgs("unireplknet", kernel_layout=layouts), grads)
+  scalings = sgs_optax.get_scalings(state)
+  # K = 7: 5x5 (d 1) on rows/cols 1..5, 3x3 (d 2) on {1, 3, 5}, 3x3 (d 3)
+  # on {0, 3, 6}.
+  expected = np.array([
+      [2, 1, 1, 2, 1, 1, 2],
+      [1, 3, 2, 3, 2, 3, 1],
+      [1, 2, 2, 2, 2, 2, 1],
+      [2, 3, 2, 4, 2, 3, 2],
+      [1, 2, 2, 2, 2, 2, 1],
+      [1, 3, 2, 3, 2, 3, 1],
+      [2, 1, 1, 2, 1, 1, 2]], float)
+  np.testing.assert_array_equal(scalings["k7"], expected)
+  assert scalings["k31"] is None and scalings["k3"] is None
+  with pytest.raises(ValueError, match="k3 .*published"):
+    sgs_optax.sgs("unireplknet", kernel_layout=layouts, strict=True).init(
+        grads)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
