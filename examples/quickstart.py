@@ -22,39 +22,12 @@ from __future__ import annotations
 
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 import sgs_optax
+from examples import classify
 from examples import data
 from examples import models
-
-
-def train(tx: optax.GradientTransformation, split: data.Split, *,
-          epochs: int, batch_size: int, seed: int) -> float:
-  """Trains :class:`models.CNN` with ``tx``; returns its test accuracy."""
-  model = models.CNN()
-  params = model.init(jax.random.key(seed), split.x_train[:1])["params"]
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    def loss_fn(p):
-      logits = model.apply({"params": p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    grads = jax.grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  rng = np.random.default_rng(seed)
-  for _ in range(epochs):
-    for idx in data.batches(len(split.x_train), batch_size, rng):
-      params, opt_state = step(params, opt_state, split.x_train[idx],
-                               split.y_train[idx])
-  logits = model.apply({"params": params}, split.x_test)
-  return float(jnp.mean(jnp.argmax(logits, -1) == split.y_test))
 
 
 def main(argv=None) -> dict[str, float]:
@@ -64,8 +37,8 @@ def main(argv=None) -> dict[str, float]:
   results = {}
   for name, tx in (("sgd", optax.chain(*sgd)),
                    ("sgs(acb)+sgd", optax.chain(sgs_optax.sgs("acb"), *sgd))):
-    results[name] = train(tx, split, epochs=epochs, batch_size=32,
-                          seed=args.seed)
+    results[name], _ = classify.fit(models.CNN(), tx, split, epochs=epochs,
+                                    batch_size=32, seed=args.seed)
     print(f"{name:<14}test accuracy {results[name]:.3f}")
   return results
 

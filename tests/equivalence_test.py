@@ -136,6 +136,23 @@ def test_hwio_sgs_matches_branched_training(branch_set, optimizer):
                                expected["head"]["kernel"], rtol=0, atol=1e-9)
 
 
+def fit(logits_fn, params, tx, batches_):
+  """Trains ``params`` of ``logits_fn`` with ``tx``, one step per batch."""
+  def loss(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_fn(p, x), y).mean()
+
+  @jax.jit
+  def step(p, s, x, y):
+    updates, s = tx.update(jax.grad(loss)(p, x, y), s, p)
+    return optax.apply_updates(p, updates), s
+
+  state = tx.init(params)
+  for x, y in batches_:
+    params, state = step(params, state, x, y)
+  return params
+
+
 def oihw_conv(x, w, stride):
   pads = jax.lax.padtype_to_pads(x.shape[2:], KERNEL, (stride,) * 2, "SAME")
   return pads, jax.lax.conv_general_dilated(
@@ -200,25 +217,13 @@ def test_oihw_sgs_matches_branched_training(branch_set):
         out[n] = jnp.asarray(numpy_merge(kernels, branches, alphas, "OIHW"))
       return out
 
-    def fit(logits_fn, params, tx):
-      def loss(p, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(
-            logits_fn(p, x), y).mean()
+    def nchw_batches():
+      return ((jnp.moveaxis(x, -1, 1), y) for x, y in batches(2))
 
-      @jax.jit
-      def step(p, s, x, y):
-        updates, s = tx.update(jax.grad(loss)(p, x, y), s, p)
-        return optax.apply_updates(p, updates), s
-
-      state = tx.init(params)
-      for x, y in batches(2):
-        params, state = step(params, state, jnp.moveaxis(x, -1, 1), y)
-      return params
-
-    trained_b = fit(branched_logits, params_b, optimizer())
+    trained_b = fit(branched_logits, params_b, optimizer(), nchw_batches())
     scaling = sgs_optax.branch_scaling(KERNEL, branches, scales)
     tx = optax.chain(sgs_optax.sgs(scaling, kernel_layout="OIHW"), optimizer())
-    trained_m = fit(plain_logits, merge(params_b), tx)
+    trained_m = fit(plain_logits, merge(params_b), tx, nchw_batches())
     expected = merge(trained_b)
     for n in ("conv1", "conv2"):
       err = np.abs(trained_m[n] - expected[n]).max()
@@ -341,22 +346,8 @@ def nd_trajectories(branch_set, optimizer):
         name: loop_merge(p[name], kernel, branches, dilations, alphas)
         for name in ("conv1", "conv2")}}
 
-  def fit(logits_fn, params, tx):
-    def loss(p, x, y):
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits_fn(p, x), y).mean()
-
-    @jax.jit
-    def step(p, s, x, y):
-      updates, s = tx.update(jax.grad(loss)(p, x, y), s, p)
-      return optax.apply_updates(p, updates), s
-
-    state = tx.init(params)
-    for x, y in nd_batches(spatial, 7):
-      params, state = step(params, state, x, y)
-    return params
-
-  trained_b = fit(branched_logits, params_b, OPTIMIZERS[optimizer]())
+  trained_b = fit(branched_logits, params_b, OPTIMIZERS[optimizer](),
+                  nd_batches(spatial, 7))
   if scales is None:
     transform = sgs_optax.sgs("unireplknet", kernel_layout="WIO")
   else:
@@ -364,7 +355,8 @@ def nd_trajectories(branch_set, optimizer):
         kernel, branches, scales, dilations), kernel_layout="DHW"[-n:] + "IO")
   start = merge(params_b)
   tx = optax.chain(transform, OPTIMIZERS[optimizer]())
-  trained_m = fit(plain_logits, jax.tree.map(jnp.asarray, start), tx)
+  trained_m = fit(plain_logits, jax.tree.map(jnp.asarray, start), tx,
+                  nd_batches(spatial, 7))
   return merge(trained_b), trained_m, start
 
 
