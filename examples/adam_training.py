@@ -27,8 +27,9 @@ import sys
 import optax
 
 import sgs_optax
+from examples import classify
 from examples import data
-from examples import quickstart
+from examples import models
 
 
 def optimizers(
@@ -51,8 +52,8 @@ def main(argv=None) -> dict[str, float]:
   split, epochs = data.from_args(args)
   results = {}
   for name, tx in optimizers().items():
-    results[name] = quickstart.train(tx, split, epochs=epochs, batch_size=32,
-                                     seed=args.seed)
+    results[name], _ = classify.fit(models.CNN(), tx, split, epochs=epochs,
+                                    batch_size=32, seed=args.seed)
     print(f"{name:<20}test accuracy {results[name]:.3f}")
   return results
 
