@@ -8,38 +8,31 @@ the official ``dependence.py``, for 1, 2 or 3 spatial axes, with the same bin
 count and bin ranges and without its bugs (max-valued samples dropped under
 NumPy >= 2, wrong column centre for non-square kernels, transposed padding).
 
-The estimate runs in named steps:
+Everything static about an estimate is fixed first, from the shapes
+(``_mi_plan``); the estimate (``_estimate``) then runs in named steps:
 
-1. ``_position_extrema``: the batch's min and max at every position (one pass
-   over the data), from which ``_crop_ranges`` reads each displacement's
-   ``[min, max]`` ranges; with diagonal removal ``_kept_ranges`` takes them
-   (and the data-dependent bin counts) from the kept pairs instead.
-2. ``_count_group``: joint histograms, per displacement and channel, counted
-   with integer scatter-adds into a static buffer of ``B`` x ``B`` cells,
-   over the batch in cache-sized chunks (``_count_pairs``) or over a random
-   sample of pairs (``_count_sample``). No ``N x B`` intermediate and no
-   padded copy of the batch is built.
+1. Ranges of each displacement's pairs: ``_mi_counts.position_extrema``, then
+   ``crop_ranges`` or, with diagonal removal, ``kept_ranges``.
+2. Joint histograms, per displacement and channel: ``_mi_counts.count_group``,
+   over the pairs that ``_mi_pairs`` walks chunk by chunk, without a padded
+   copy of the batch.
 3. ``_sharpened_nmi``: entropies in bits, NMI and its sharpening.
 4. ``_assemble``: each value at its two mirrored taps, averaged over channels.
 
 On feature maps sharded over the batch, every device counts its own images
 and only the small per-displacement tables, ranges and pair counts cross
 devices (``_partition``); the maps are never gathered. Speed against the
-official NumPy loop is measured by ``benchmarks/mi_speed.py``.
-
-Bin edges are evaluated in float32, NumPy's in float64: a sample lying within
-float32 rounding of an edge can land in the neighbouring bin, which moves an
-entry by O(1 / pairs). The tests agree with a float64 NumPy reference to 1e-4.
+official NumPy loop is measured by ``benchmarks/mi_speed.py``. Bin edges are
+evaluated in float32 (see ``_mi_counts``); the tests agree with a float64
+NumPy reference to 1e-4.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import functools
-import itertools
 import math
-import numbers
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 from jax.custom_batching import custom_vmap
@@ -50,629 +43,8 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from sgs_optax import _geometry
-
-_JNP_PAD_MODES = {"zeros": "constant", "circular": "wrap", "reflect": "reflect"}
-# Bin ids and per-cell counts are int32.
-_MAX_SAMPLES = 2**31 - 1
-# A sampled pair (two gathered pixels) costs about as much as this many
-# counted pairs of the full-data path: a displacement whose sample would be
-# more than 1 / _GATHER_COST of its pairs counts them all instead, which is
-# both faster and exact.
-_GATHER_COST = 4
-# Elements of a padded batch chunk: large enough to amortise the loop, small
-# enough for the chunk and the bin ids of four displacements to stay in a
-# typical L2 cache. Chunks shrink for larger groups of displacements.
-_CHUNK_ELEMENTS = 1 << 15
-# Count tables (and sampled pair positions) are held for at most this many
-# int32 cells at once: large windows are counted in groups of displacements,
-# so that memory stays bounded whatever the window.
-_GROUP_CELLS = 1 << 24
-# Windows with more displacements than this are counted in a loop over them
-# rather than unrolled, so that compile time stays flat as windows grow.
-_UNROLLED_ROWS = 8
-
-
-class _Plan(NamedTuple):
-  """Everything static about one estimate (hashable: a jit static)."""
-
-  kernel_size: tuple[int, ...]
-  batch: int  # the whole batch, over all devices: it sets the bin counts
-  spatial: tuple[int, ...]  # unpadded
-  pads: tuple[tuple[int, int], ...]
-  mode: str
-  taps: tuple[tuple[int, ...], ...]  # displacements, in kernel taps
-  offsets: tuple[tuple[int, ...], ...]  # the same in pixels (dilated)
-  diagonal_removal: bool
-  subsample: int | None
-
-  @property
-  def padded(self) -> tuple[int, ...]:
-    return tuple(s + lo + hi for s, (lo, hi) in zip(self.spatial, self.pads))
-
-  def pairs(self, j: int) -> int:
-    """Pairs of displacement ``j`` over the whole batch."""
-    return self.batch * _crop(self.offsets[j], self.padded)[2]
-
-  @property
-  def live(self) -> tuple[int, ...]:
-    """Displacements with at least one pair (the others are undefined)."""
-    return tuple(j for j in range(len(self.taps)) if self.pairs(j) > 0)
-
-  @property
-  def buf(self) -> int:
-    """Bins of the static buffer: the most any live displacement needs."""
-    return max([_sturges(self.pairs(j)) for j in self.live], default=1)
-
-  def sampled(self, j: int) -> bool:
-    return (self.subsample is not None
-            and self.subsample * _GATHER_COST < self.pairs(j))
-
-
-def _displacements(kernel_size: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-  """One offset of each +/- pair, in the official code's (raster) order."""
-  radii = [range(-(k // 2), k // 2 + 1) for k in kernel_size]
-  out = []
-  for tap in itertools.product(*radii):
-    negated = tuple(-t for t in tap)
-    if any(tap) and negated not in out:
-      out.append(tap)
-  return tuple(out)
-
-
-def _crop(
-    offset: Sequence[int], padded: Sequence[int]
-) -> tuple[tuple[slice, ...], tuple[slice, ...], int]:
-  """Where a displacement's centre (x) and neighbour (y) pixels sit.
-
-  Returns the slices of each on the padded map and the pairs per image.
-  """
-  xs, ys, count = [], [], 1
-  for u, size in zip(offset, padded):
-    length = max(size - abs(u), 0)
-    start = max(-u, 0)
-    xs.append(slice(start, start + length))
-    ys.append(slice(start + u, start + u + length))
-    count *= length
-  return tuple(xs), tuple(ys), count
-
-
-def _sturges(n: int) -> int:
-  # 1 + ceil(log2(n)) in exact integer arithmetic.
-  return 1 + (n - 1).bit_length()
-
-
-def _sturges_traced(n: jax.Array) -> jax.Array:
-  # ceil(log2(n)) == bit_length(n - 1) == 32 - clz(n - 1) for n >= 1; a float
-  # log2 can land a hair above an exact power of two.
-  n = jnp.maximum(n.astype(jnp.int32), 1)
-  return 1 + (32 - jax.lax.clz(n - 1))
-
-
-def _bin_scale(lo: jax.Array, hi: jax.Array, bins: Any) -> jax.Array:
-  """Factor mapping [lo, hi] onto [0, bins]."""
-  width = hi - lo
-  # A constant variable gets scale 0: all its mass in bin 0, entropy 0.
-  return jnp.where(width > 0, jnp.asarray(bins, jnp.float32) / width, 0.0)
-
-
-def _bin_index(
-    v: jax.Array, lo: jax.Array, scale: jax.Array, bins: Any
-) -> jax.Array:
-  """Uniform bin of `v` with the max in the last bin, as int32 in [0, bins)."""
-  # Truncation is floor for v >= lo. float->int32 saturates (NaN -> 0) and
-  # both bounds are clipped, so ids stay in bounds even for values outside
-  # [lo, hi] (masked-out pairs) or an infinite scale (denormal width).
-  idx = ((v - lo) * scale).astype(jnp.int32)
-  return jnp.clip(idx, 0, jnp.asarray(bins, jnp.int32) - 1)
-
-
-def _all_reduce(
-    x: jax.Array, op: Callable[..., jax.Array], axes: tuple[str, ...]
-) -> jax.Array:
-  """Combines per-device statistics over the mesh axes the batch is split on."""
-  return op(x, axes) if axes else x
-
-
-def _count_true(mask: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """int32 count of True along `axes`."""
-  if math.prod(mask.shape[a] for a in axes) < 2**24:
-    # Summed in float32 (exact below 2**24), which vectorises on CPU where an
-    # integer sum of booleans does not.
-    return jnp.sum(jnp.where(mask, 1.0, 0.0), axis=axes).astype(jnp.int32)
-  return jnp.sum(mask, axis=axes, dtype=jnp.int32)
-
-
-class _Chunks(NamedTuple):
-  """The local batch in static chunks, so per-chunk buffers stay small.
-
-  ``get(i)`` gives chunk ``i`` as float32 and a mask of its images that no
-  earlier chunk covered: the last chunk is shifted back to stay in bounds and
-  its repeated images are masked out, and chunk ``num`` is entirely masked
-  out (the pipelined count reads one chunk past the end).
-  """
-
-  size: int
-  num: int
-  get: Callable[[Any], tuple[jax.Array, jax.Array]]
-
-
-def _batch_chunks(
-    x: jax.Array, padded: Sequence[int], elements: int
-) -> _Chunks:
-  n = x.shape[0]
-  row = math.prod(padded) * x.shape[-1]
-  size = int(min(n, max(1, elements // max(row, 1))))
-
-  def get(i):
-    start = i * size
-    shifted = jnp.minimum(start, n - size)
-    chunk = jax.lax.dynamic_slice_in_dim(x, shifted, size, axis=0)
-    fresh = shifted + jnp.arange(size) >= start
-    return chunk.astype(jnp.float32), fresh
-
-  return _Chunks(size, -(-n // size), get)
-
-
-def _pad(chunk: jax.Array, plan: _Plan) -> jax.Array:
-  return jnp.pad(
-      chunk, ((0, 0), *plan.pads, (0, 0)), mode=_JNP_PAD_MODES[plan.mode]
-  )
-
-
-def _take(table: Any, row: Any) -> Any:
-  """Row `row` of a small table: static for an int row, traced otherwise.
-
-  A traced row is picked by a masked reduction rather than a dynamic slice:
-  a dynamic slice would be fused into the per-pair arithmetic that reads it
-  and keep that from compiling to vector code.
-  """
-  if isinstance(row, int):
-    return table[row]
-  table = jnp.asarray(table)
-  pick = jnp.arange(table.shape[0]) == row
-  pick = pick.reshape((-1,) + (1,) * (table.ndim - 1))
-  if jnp.issubdtype(table.dtype, jnp.floating):
-    lowest = -jnp.inf
-  else:
-    lowest = jnp.iinfo(table.dtype).min
-  return jnp.max(jnp.where(pick, table, lowest), axis=0)
-
-
-def _live_crops(plan: _Plan) -> np.ndarray:
-  """Per live displacement and axis: x start, y start and crop length."""
-  table = np.zeros((len(plan.live), 3, len(plan.spatial)), np.int32)
-  for row, j in enumerate(plan.live):
-    x, y, _ = _crop(plan.offsets[j], plan.padded)
-    table[row] = [[s.start for s in x], [s.start for s in y],
-                  [s.stop - s.start for s in x]]
-  return table
-
-
-class _Schedule(NamedTuple):
-  """Which rows (displacements) each loop step handles, for which block.
-
-  A few rows are unrolled: every step handles all of them on one block, with
-  exact static crops. Many rows (a large window) would unroll into a program
-  whose compile time grows with the window, so each step handles one row of
-  one block instead, with a traced row number; rows are outermost, so that
-  one row's tables stay in cache while the blocks stream past. Step `num`
-  (one past the end) gets block `blocks`, which is entirely masked out.
-  """
-
-  rows: tuple[int, ...]
-  blocks: int
-
-  @property
-  def unrolled(self) -> bool:
-    return len(self.rows) <= _UNROLLED_ROWS
-
-  @property
-  def num(self) -> int:
-    return self.blocks * (1 if self.unrolled else len(self.rows))
-
-  def at(self, i: Any) -> tuple[Any, list[tuple[Any, Any]]]:
-    """Block of step `i` and its (position in `rows`, row) pairs."""
-    if self.unrolled:
-      return i, list(enumerate(self.rows))
-    slot = jnp.minimum(i // self.blocks, len(self.rows) - 1)
-    block = jnp.where(i < self.num, i % self.blocks, self.blocks)
-    return block, [(slot, _take(self.rows, slot))]
-
-
-def _row_pairs(
-    xp: jax.Array, plan: _Plan, row: Any
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """Centre and neighbour pixels of live displacement `row` in a padded chunk.
-
-  Returns them and a mask of the real pairs (None: all are). A static row is
-  cropped exactly; a traced one pairs the whole map with a shifted copy and
-  masks the pairs whose neighbour falls off the map.
-  """
-  everything = slice(None)
-  if isinstance(row, int):
-    x, y, _ = _crop(plan.offsets[plan.live[row]], plan.padded)
-    return (xp[(everything, *x, everything)],
-            xp[(everything, *y, everything)], None)
-  offset = _take(np.asarray([plan.offsets[j] for j in plan.live]), row)
-  # Row-major: the neighbour of flat position q is q + delta wherever the
-  # pair is real; elsewhere the index is clipped and the pair masked.
-  delta = jnp.dot(offset, np.cumprod((1, *plan.padded[:0:-1]))[::-1])
-  flat = xp.reshape(-1, xp.shape[-1])
-  source = jnp.arange(flat.shape[0]) + delta
-  ys = jnp.take(flat, source, axis=0, mode="clip").reshape(xp.shape)
-  valid = True
-  for axis, size in enumerate(plan.padded):
-    t = jax.lax.broadcasted_iota(jnp.int32, (1, *plan.padded, 1), axis + 1)
-    valid = valid & (t + offset[axis] >= 0) & (t + offset[axis] < size)
-  return xp, ys, valid
-
-
-def _fresh_mask(fresh: jax.Array, like: jax.Array) -> jax.Array:
-  return fresh.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
-class _Ranges(NamedTuple):
-  """Per live displacement (rows) and channel: bins of x and y."""
-
-  lo: jax.Array  # (L, 2, C): the x and y minima
-  scale: jax.Array  # (L, 2, C): bins / (max - min)
-  bins: Any  # (L,) static ints, or (L, C) traced counts
-
-
-def _position_extrema(
-    inputs: jax.Array, plan: _Plan, axes: tuple[str, ...]
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Padded maps of the batch's min and max at each position, and finiteness.
-
-  The extrema are taken unpadded (padding only copies or zeroes positions, so
-  it commutes with them), with elementwise accumulators over chunks: a
-  reduction over the leading axis is slow on CPU.
-  """
-  chunks = _batch_chunks(inputs, plan.spatial, _CHUNK_ELEMENTS)
-
-  def body(i, carry):
-    chunk, _ = chunks.get(i)
-    return jnp.minimum(carry[0], chunk), jnp.maximum(carry[1], chunk)
-
-  shape = (chunks.size, *inputs.shape[1:])
-  lo, hi = jax.lax.fori_loop(
-      0, chunks.num, body,
-      (jnp.full(shape, jnp.inf), jnp.full(shape, -jnp.inf)),
-  )
-  lo, hi = jnp.min(lo, axis=0), jnp.max(hi, axis=0)
-  spatial = tuple(range(lo.ndim - 1))
-  # NaN or inf anywhere shows in some channel's minimum or maximum.
-  lowest = _all_reduce(jnp.min(lo, axis=spatial), jax.lax.pmin, axes)
-  highest = _all_reduce(jnp.max(hi, axis=spatial), jax.lax.pmax, axes)
-  finite = jnp.all(jnp.isfinite(lowest)) & jnp.all(jnp.isfinite(highest))
-  pad = (*plan.pads, (0, 0))
-  mode = _JNP_PAD_MODES[plan.mode]
-  return jnp.pad(lo, pad, mode=mode), jnp.pad(hi, pad, mode=mode), finite
-
-
-def _running(m: jax.Array, op: Callable[..., jax.Array]) -> list[jax.Array]:
-  """`op` (cummin or cummax) run from either end of every spatial axis.
-
-  Map ``b`` of the ``2**d`` runs backwards along spatial axis ``a`` iff bit
-  ``a`` of ``b`` is set.
-  """
-  maps = [m]
-  for axis in range(m.ndim - 1):
-    maps = [op(x, axis=axis, reverse=back) for back in (False, True)
-            for x in maps]
-  return maps
-
-
-def _corners(starts: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
-  """Which running map holds each crop's extremum, and at which position.
-
-  Every crop is a prefix or a suffix of each axis, so its extremum is the
-  forward run at its last position or the backward run at its first one.
-  """
-  suffix = starts > 0
-  which = (suffix * (1 << np.arange(starts.shape[-1]))).sum(-1)
-  where = np.where(suffix, starts, starts + lengths - 1)
-  return [which, *where.T]
-
-
-def _crop_ranges(
-    lo_map: jax.Array, hi_map: jax.Array, plan: _Plan, axes: tuple[str, ...]
-) -> _Ranges:
-  """Bins over each crop's [min, max], with the static Sturges count."""
-  table = _live_crops(plan)
-  index = [np.stack([x, y], axis=1) for x, y in zip(
-      _corners(table[:, 0], table[:, 2]), _corners(table[:, 1], table[:, 2]))]
-  lo = jnp.stack(_running(lo_map, jax.lax.cummin))[tuple(index)]
-  hi = jnp.stack(_running(hi_map, jax.lax.cummax))[tuple(index)]
-  lo = _all_reduce(lo, jax.lax.pmin, axes)  # (L, 2, C)
-  hi = _all_reduce(hi, jax.lax.pmax, axes)
-  bins = tuple(_sturges(plan.pairs(j)) for j in plan.live)
-  scale = _bin_scale(lo, hi, np.asarray(bins, np.float32)[:, None, None])
-  return _Ranges(lo, scale, bins)
-
-
-def _kept_ranges(
-    inputs: jax.Array, plan: _Plan, axes: tuple[str, ...]
-) -> _Ranges:
-  """Diagonal removal: ranges and traced Sturges counts of the kept pairs.
-
-  A pair is kept when both its values are non-zero; how many are kept, hence
-  the bin count, depends on the data, and every device's share counts.
-  """
-  chunks = _batch_chunks(inputs, plan.padded, _CHUNK_ELEMENTS)
-  schedule = _Schedule(tuple(range(len(plan.live))), chunks.num)
-
-  def body(i, carry):
-    kept, lo, hi = carry
-    block, steps = schedule.at(i)
-    chunk, fresh = chunks.get(block)
-    xp = _pad(chunk, plan)
-    for _, row in steps:
-      xs, ys, valid = _row_pairs(xp, plan, row)
-      keep = (xs != 0) & (ys != 0) & _fresh_mask(fresh, xs)
-      keep = keep if valid is None else keep & valid
-      over = tuple(range(keep.ndim - 1))
-      low = [jnp.min(jnp.where(keep, v, jnp.inf), over) for v in (xs, ys)]
-      high = [jnp.max(jnp.where(keep, v, -jnp.inf), over) for v in (xs, ys)]
-      kept = kept.at[row].add(_count_true(keep, over))
-      lo = lo.at[row].min(jnp.stack(low))
-      hi = hi.at[row].max(jnp.stack(high))
-    return kept, lo, hi
-
-  shape = (len(plan.live), 2, inputs.shape[-1])
-  kept, lo, hi = jax.lax.fori_loop(0, schedule.num, body, (
-      jnp.zeros(shape[::2], jnp.int32), jnp.full(shape, jnp.inf),
-      jnp.full(shape, -jnp.inf)))
-  kept = _all_reduce(kept, jax.lax.psum, axes)
-  lo = _all_reduce(lo, jax.lax.pmin, axes)
-  hi = _all_reduce(hi, jax.lax.pmax, axes)
-  bins = _sturges_traced(kept)  # (L, C); never above the static buffer
-  return _Ranges(lo, _bin_scale(lo, hi, bins[:, None, :]), bins)
-
-
-class _Cells(NamedTuple):
-  """Count tables of a group of consecutive live displacements (rows).
-
-  ``buf`` x ``buf`` cells per row and channel, ``stride`` cells apart, then
-  one spare cell per channel for the pairs that are not counted.
-  """
-
-  start: int  # first live row of the group
-  rows: int
-  channels: int
-  buf: int
-  stride: int
-
-  @property
-  def size(self) -> int:
-    return self.rows * self.channels * self.stride
-
-  def spare(self) -> jax.Array:
-    # One spare cell per channel: a single one would chain every dropped add
-    # on one address.
-    return self.size + jnp.arange(self.channels, dtype=jnp.int32)
-
-
-def _channel_stride(buf: int) -> int:
-  """Cells between two channels' tables: whole 64-byte lines, an odd count.
-
-  A power-of-two stride (16 x 16 bins is 1 KiB) maps every channel's busiest
-  cell to the same few L1 sets; an odd number of lines spreads them over all.
-  """
-  lines = -(-buf * buf // 16)
-  return 16 * (lines | 1)
-
-
-def _groups(plan: _Plan, channels: int) -> list[_Cells]:
-  """Live displacements split so each group's tables stay bounded."""
-  live, buf = len(plan.live), plan.buf
-  stride = _channel_stride(buf)
-  # Per row: its tables, and its sampled pair positions if any.
-  size = max(1, _GROUP_CELLS // (channels * stride + (plan.subsample or 0)))
-  return [_Cells(start, min(size, live - start), channels, buf, stride)
-          for start in range(0, live, size)]
-
-
-def _cell_ids(
-    cells: _Cells, ranges: _Ranges, row: Any, xs: jax.Array, ys: jax.Array,
-    keep: jax.Array,
-) -> jax.Array:
-  """Table cell of each pair of group row `row`; others go to spare cells."""
-  live_row = cells.start + row
-  lo, scale = _take(ranges.lo, live_row), _take(ranges.scale, live_row)
-  bins = _take(ranges.bins, live_row)
-  ix = _bin_index(xs, lo[0], scale[0], bins)
-  iy = _bin_index(ys, lo[1], scale[1], bins)
-  base = jnp.arange(cells.channels, dtype=jnp.int32) * cells.stride
-  ids = row * (cells.channels * cells.stride) + base + ix * cells.buf + iy
-  return jnp.where(keep, ids, cells.spare())
-
-
-def _scatter_count(tables: jax.Array, ids: jax.Array, ones: jax.Array):
-  """Adds one count per id; `ids` is (..., 1), never flattened."""
-  dnums = jax.lax.ScatterDimensionNumbers(
-      update_window_dims=(),
-      inserted_window_dims=(0,),
-      scatter_dims_to_operand_dims=(0,),
-  )
-  return jax.lax.scatter_add(
-      tables, ids, ones, dnums,
-      mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
-  )
-
-
-def _pipelined_counts(
-    tables: jax.Array,
-    num_steps: int,
-    make_ids: Callable[[Any], list[jax.Array]],
-    spare: jax.Array,
-) -> jax.Array:
-  """Counts `make_ids(i)` for i in [0, num_steps) into `tables`.
-
-  Software-pipelined: step i scatters the ids that step i - 1 left in the loop
-  carry. On CPU, ids computed in the same step as their scatter get fused
-  behind a flattening copy that compiles to slow scalar code. The carry starts
-  at the `spare` cells (broadcast along the last, channel, axis) and
-  `make_ids(num_steps)` must send everything there, so there is no prologue
-  or epilogue to compile twice.
-  """
-  def step_ids(i):
-    # The trailing index-vector axis is added here, in the producing fusion,
-    # so that no layout-changing copy is needed before the scatter.
-    return [ids[..., None] for ids in make_ids(i)]
-
-  shapes = jax.eval_shape(step_ids, 0)
-  pending = [
-      jnp.broadcast_to(spare[:, None], sd.shape).astype(jnp.int32)
-      for sd in shapes
-  ]
-  ones = [jnp.ones(sd.shape[:-1], jnp.int32) for sd in shapes]
-
-  def body(i, carry):
-    tables, pending = carry
-    for ids, one in zip(pending, ones):
-      tables = _scatter_count(tables, ids, one)
-    return tables, step_ids(i)
-
-  tables, _ = jax.lax.fori_loop(0, num_steps + 1, body, (tables, pending))
-  return tables
-
-
-def _count_pairs(
-    tables: jax.Array, inputs: jax.Array, plan: _Plan, ranges: _Ranges,
-    cells: _Cells, rows: list[int],
-) -> jax.Array:
-  """Counts every pair of the given group rows, chunk by chunk."""
-  # The ids of all rows a step handles (all unrolled ones, or one) stay
-  # about as small as those of four rows in a chunk.
-  per_step = len(rows) if len(rows) <= _UNROLLED_ROWS else 1
-  elements = _CHUNK_ELEMENTS * 4 // max(per_step, 4)
-  chunks = _batch_chunks(inputs, plan.padded, elements)
-  schedule = _Schedule(tuple(rows), chunks.num)
-
-  def chunk_ids(i):
-    block, steps = schedule.at(i)
-    chunk, fresh = chunks.get(block)
-    xp = _pad(chunk, plan)
-    ids = []
-    for _, row in steps:
-      xs, ys, valid = _row_pairs(xp, plan, cells.start + row)
-      keep = _fresh_mask(fresh, xs)
-      keep = keep if valid is None else keep & valid
-      if plan.diagonal_removal:
-        keep = keep & (xs != 0) & (ys != 0)
-      ids.append(_cell_ids(cells, ranges, row, xs, ys, keep))
-    return ids
-
-  return _pipelined_counts(tables, schedule.num, chunk_ids, cells.spare())
-
-
-def _source_index(
-    t: jax.Array, size: int, before: int, mode: str
-) -> jax.Array:
-  """Unpadded index that padded position `t` copies (-1 for a padding zero).
-
-  Arithmetic rather than a lookup table: gathers do not fuse on CPU.
-  """
-  t = t - before
-  if mode == "zeros":
-    return jnp.where((t >= 0) & (t < size), t, -1)
-  if mode == "circular":
-    return jnp.mod(t, size)
-  if size == 1:  # reflect of a single row: numpy and jnp.pad repeat it.
-    return jnp.zeros_like(t)
-  period = 2 * (size - 1)
-  t = jnp.mod(jnp.abs(t), period)
-  return jnp.where(t < size, t, period - t)
-
-
-def _locate(
-    pos: jax.Array, row: Any, plan: _Plan, first: Any, n_local: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Flat local rows of the x and y pixels of pair number `pos` of live row
-  `row`, and whether the pair's image is on this device. A flat row of -1 is
-  a zero of the padding."""
-  x_start, y_start, length = _take(_live_crops(plan), row)
-  per_image = np.prod(length) if isinstance(row, int) else jnp.prod(length)
-  image, rest = jnp.divmod(pos, per_image)
-  image = image - first
-  here = (image >= 0) & (image < n_local)
-  within = []
-  for axis in reversed(range(len(plan.spatial))):  # row-major in the crop
-    rest, q = jnp.divmod(rest, length[axis])
-    within.insert(0, q)
-  flats = []
-  for start in (x_start, y_start):
-    flat, inside = jnp.where(here, image, 0), here
-    for axis, (size, (before, _)) in enumerate(zip(plan.spatial, plan.pads)):
-      src = _source_index(within[axis] + start[axis], size, before, plan.mode)
-      flat, inside = flat * size + jnp.maximum(src, 0), inside & (src >= 0)
-    flats.append(jnp.where(inside, flat, -1))
-  return flats[0], flats[1], here
-
-
-def _count_sample(
-    tables: jax.Array, inputs: jax.Array, key: jax.Array, plan: _Plan,
-    ranges: _Ranges, cells: _Cells, rows: list[int], first: Any,
-) -> jax.Array:
-  """Counts `plan.subsample` i.i.d. uniform pairs of each given group row.
-
-  Pairs are drawn with replacement (a permutation of millions of positions
-  would cost more than the counting it saves) over the whole batch, the same
-  draw on every device; each device counts the pairs of its own images.
-  """
-  m, c = plan.subsample, inputs.shape[-1]
-  # One draw for all rows: each threefry call costs compile time.
-  pairs = [plan.pairs(plan.live[cells.start + r]) for r in rows]
-  positions = jax.random.randint(
-      key, (len(rows), m), 0, jnp.asarray(pairs)[:, None])
-  flat_rows = inputs.reshape(-1, c)
-  step = int(min(m, max(1, _CHUNK_ELEMENTS // c)))
-  schedule = _Schedule(tuple(rows), -(-m // step))
-
-  def pixels(flat):
-    vals = jnp.take(flat_rows, jnp.maximum(flat, 0), axis=0, mode="clip")
-    return jnp.where((flat >= 0)[:, None], vals.astype(jnp.float32), 0.0)
-
-  def sample_ids(i):
-    block, steps = schedule.at(i)
-    shifted = jnp.minimum(block * step, m - step)
-    fresh = (shifted + jnp.arange(step) >= block * step)[:, None]
-    ids = []
-    for slot, row in steps:
-      pos = jax.lax.dynamic_slice_in_dim(positions[slot], shifted, step)
-      where_x, where_y, here = _locate(
-          pos, cells.start + row, plan, first, inputs.shape[0])
-      xs, ys = pixels(where_x), pixels(where_y)
-      keep = fresh & here[:, None]
-      if plan.diagonal_removal:
-        keep = keep & (xs != 0) & (ys != 0)
-      ids.append(_cell_ids(cells, ranges, row, xs, ys, keep))
-    return ids
-
-  return _pipelined_counts(tables, schedule.num, sample_ids, cells.spare())
-
-
-def _count_group(
-    inputs: jax.Array, key: jax.Array | None, plan: _Plan, ranges: _Ranges,
-    cells: _Cells, axes: tuple[str, ...],
-) -> jax.Array:
-  """Joint histograms of one group of displacements: (G, C, buf, buf)."""
-  rows = range(cells.rows)
-  sampled = [r for r in rows if plan.sampled(plan.live[cells.start + r])]
-  full = [r for r in rows if r not in sampled]
-  tables = jnp.zeros((cells.size + cells.channels,), jnp.int32)
-  if full:
-    tables = _count_pairs(tables, inputs, plan, ranges, cells, full)
-  if sampled:
-    first = (jax.lax.axis_index(axes) if axes else 0) * inputs.shape[0]
-    tables = _count_sample(tables, inputs, key, plan, ranges, cells, sampled,
-                           first)
-  # The tables, not the maps, cross devices.
-  tables = _all_reduce(tables[:cells.size], jax.lax.psum, axes)
-  joint = tables.reshape(cells.rows, cells.channels, cells.stride)
-  joint = joint[..., :cells.buf * cells.buf]
-  return joint.reshape(cells.rows, cells.channels, cells.buf, cells.buf)
+from sgs_optax import _mi_counts
+from sgs_optax import _mi_plan
 
 
 def _entropy_bits(counts: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -704,7 +76,7 @@ def _sharpened_nmi(
   return jnp.where(jnp.isnan(f), 0.0, f) if diagonal_removal else f
 
 
-def _assemble(f: jax.Array, plan: _Plan) -> jax.Array:
+def _assemble(f: jax.Array, plan: _mi_plan.Plan) -> jax.Array:
   """Places each live displacement's values (L, C) at its two mirrored taps,
   with 1 at the centre, and averages over channels skipping NaN."""
   c = f.shape[-1]
@@ -729,26 +101,26 @@ def _assemble(f: jax.Array, plan: _Plan) -> jax.Array:
 
 def _estimate(
     inputs: jax.Array, k: jax.Array, key_data: jax.Array | None, *,
-    plan: _Plan, key_impl: str | None, axes: tuple[str, ...],
+    plan: _mi_plan.Plan, key_impl: str | None, axes: tuple[str, ...],
 ) -> jax.Array:
   """The dependence matrix, from this device's share of the batch.
 
   `axes` are the mesh axes the batch is split over (empty on one device):
   statistics are combined over them wherever they are reduced.
   """
-  lo_map, hi_map, finite = _position_extrema(inputs, plan, axes)
+  lo_map, hi_map, finite = _mi_counts.position_extrema(inputs, plan, axes)
   ranges = None
   if plan.live and plan.diagonal_removal:
-    ranges = _kept_ranges(inputs, plan, axes)
+    ranges = _mi_counts.kept_ranges(inputs, plan, axes)
   elif plan.live:
-    ranges = _crop_ranges(lo_map, hi_map, plan, axes)
+    ranges = _mi_counts.crop_ranges(lo_map, hi_map, plan, axes)
   key = None
   if key_data is not None:
     key = jax.random.wrap_key_data(key_data, impl=key_impl)
   f = [jnp.zeros((0, inputs.shape[-1]), jnp.float32)]
-  for g, cells in enumerate(_groups(plan, inputs.shape[-1])):
+  for g, cells in enumerate(_mi_counts.groups(plan, inputs.shape[-1])):
     group_key = None if key is None else jax.random.fold_in(key, g)
-    joint = _count_group(inputs, group_key, plan, ranges, cells, axes)
+    joint = _mi_counts.count_group(inputs, group_key, plan, ranges, cells, axes)
     f.append(_sharpened_nmi(joint, k, plan.diagonal_removal))
   dependence = _assemble(jnp.concatenate(f), plan)
   # NaN or inf in the inputs poisons the whole matrix rather than a channel.
@@ -845,113 +217,6 @@ def _run(inputs, k, key_data, plan, key_impl):
     # loop over the batch cannot carry; the partitioner still sees it.
     call = jax.sharding.auto_axes(call, out_sharding=NamedSharding(mesh, P()))
   return call(inputs, k, key_data)
-
-
-def _check_kernel_size(kernel_size: Any, rank: int) -> tuple[int, ...]:
-  sizes = _geometry.as_sizes(kernel_size, rank, "kernel_size", minimum=1)
-  if not isinstance(kernel_size, (Sequence, np.ndarray)):
-    raise ValueError(
-        f"kernel_size must give one size per spatial axis ({rank}), got "
-        f"{kernel_size!r}."
-    )
-  if any(s % 2 == 0 for s in sizes):
-    raise ValueError(
-        f"kernel_size {sizes} has an even size: the dependence matrix needs "
-        "a centre tap, so only odd kernel sizes are supported."
-    )
-  if max(sizes) < 3:
-    raise ValueError(
-        f"kernel_size {sizes} is not eligible: a window of one tap has no "
-        "neighbourhood (at least one axis must be 3 or more)."
-    )
-  return sizes
-
-
-def _concrete_k(k: Any) -> float:
-  if isinstance(k, jax.core.Tracer):
-    raise ValueError(
-        "k must be a concrete number, got a traced value: under jax.jit pass "
-        "it as a static argument, e.g. jax.jit(refresh_scalings, "
-        "static_argnames=('k', 'diagonal_removal'))."
-    )
-  dtype = getattr(k, "dtype", None)
-  number = isinstance(k, numbers.Real) or (
-      dtype is not None and np.ndim(k) == 0
-      and jnp.issubdtype(dtype, jnp.number))
-  if isinstance(k, (bool, np.bool_)) or not number:
-    raise ValueError(f"k must be a positive number, got {k!r}.")
-  value = float(k)
-  if not value > 0:  # NaN included
-    raise ValueError(f"k must be positive, got {k!r}.")
-  return value
-
-
-def _concrete_flag(flag: Any, name: str) -> bool:
-  if isinstance(flag, jax.core.Tracer):
-    raise ValueError(
-        f"{name} must be a concrete bool, got a traced value: under jax.jit "
-        "pass it as a static argument, e.g. jax.jit(refresh_scalings, "
-        "static_argnames=('k', 'diagonal_removal'))."
-    )
-  return bool(flag)
-
-
-def _make_plan(
-    shape: tuple[int, ...], kernel_size: Any, padding: Any, strides: Any,
-    dilation: Any, padding_mode: str, diagonal_removal: bool,
-    subsample: int | None,
-) -> _Plan:
-  """Checks the geometry and fixes every static quantity of the estimate."""
-  if len(shape) not in (3, 4, 5):
-    raise ValueError(
-        "inputs must be channels-last (N, *spatial, C) with 1, 2 or 3 spatial "
-        f"axes (rank 3, 4 or 5), got shape {shape}."
-    )
-  spatial = tuple(shape[1:-1])
-  kernel_size = _check_kernel_size(kernel_size, len(spatial))
-  dilation = _geometry.as_sizes(dilation, len(spatial), "dilation", minimum=1)
-  pads, mode = _geometry.explicit_pads(
-      padding, spatial_shape=spatial, kernel_size=kernel_size,
-      strides=strides, dilation=dilation, padding_mode=padding_mode,
-  )
-  taps = _displacements(kernel_size)
-  plan = _Plan(
-      kernel_size, shape[0], spatial, pads, mode, taps,
-      tuple(tuple(t * d for t, d in zip(tap, dilation)) for tap in taps),
-      diagonal_removal, subsample,
-  )
-  if shape[0] * math.prod(plan.padded) > _MAX_SAMPLES:
-    raise ValueError(
-        f"{shape[0] * math.prod(plan.padded)} padded pixels per channel "
-        "overflow int32 counts: pass fewer images."
-    )
-  if subsample is not None and not any(plan.sampled(j) for j in plan.live):
-    # No displacement would be sampled: share the full-data compile.
-    plan = plan._replace(subsample=None)
-  return plan
-
-
-def _check_subsample(subsample: Any, key: Any) -> None:
-  if subsample is None:
-    return
-  if isinstance(subsample, (bool, np.bool_)) or not isinstance(
-      subsample, (int, np.integer)
-  ):
-    raise ValueError(f"subsample must be an int or None, got {subsample!r}.")
-  if subsample < 1:
-    raise ValueError(f"subsample must be positive, got {subsample}.")
-  if key is None:
-    raise ValueError("subsample needs a PRNG key: pass key=.")
-
-
-def _split_key(key: jax.Array | None) -> tuple[jax.Array | None, str | None]:
-  """Raw key bits and the PRNG implementation's name, for any key."""
-  if key is None:
-    return None, None
-  key = jnp.asarray(key)
-  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.wrap_key_data(key)  # a raw key: the default PRNG
-  return jax.random.key_data(key), jax.random.key_impl(key)
 
 
 def spatial_dependence(
@@ -1065,15 +330,16 @@ def spatial_dependence(
   """
   if not jnp.issubdtype(jnp.result_type(inputs), jnp.floating):
     inputs = jnp.asarray(inputs, jnp.float32)
-  k = _concrete_k(k)
-  diagonal_removal = _concrete_flag(diagonal_removal, "diagonal_removal")
-  _check_subsample(subsample, key)
-  plan = _make_plan(
+  k = _mi_plan.concrete_k(k)
+  diagonal_removal = _mi_plan.concrete_flag(
+      diagonal_removal, "diagonal_removal")
+  _mi_plan.check_subsample(subsample, key)
+  plan = _mi_plan.make_plan(
       tuple(jnp.shape(inputs)), kernel_size, padding, strides, dilation,
       padding_mode, diagonal_removal,
       None if subsample is None else int(subsample),
   )
-  key_data, key_impl = _split_key(key if plan.subsample else None)
+  key_data, key_impl = _mi_plan.split_key(key if plan.subsample else None)
   return _run(inputs, jnp.float32(k), key_data, plan=plan, key_impl=key_impl)
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from _devices import run_on_devices
-from sgs_optax import _dependence
+from sgs_optax import _mi_counts
+from sgs_optax import _mi_pairs
 from sgs_optax._dependence import dependence_to_scaling
 from sgs_optax._dependence import spatial_dependence
 
@@ -133,6 +134,23 @@ def _assert_matches(got, want):
   assert got.shape == want.shape
   np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0, equal_nan=True)
+
+
+@pytest.fixture
+def tuning(monkeypatch):
+  """Sets one of the estimator's tuning constants for the test.
+
+  The constants are read while tracing and the estimator is jitted on its
+  plan: without clearing the compile caches, a test would reuse what an
+  earlier test compiled for the same plan and never see its setting, and
+  later tests would reuse what it compiled.
+  """
+  def set_constant(module, name, value):
+    monkeypatch.setattr(module, name, value)
+    jax.clear_caches()
+
+  yield set_constant
+  jax.clear_caches()
 
 
 GOLDEN_CASES = {
@@ -270,11 +288,11 @@ LOOPED = ["circular_dilation_2", "5x3_explicit_asymmetric_diagonal_removal",
 
 
 @pytest.mark.parametrize("name", LOOPED)
-def test_looping_over_displacements_matches_golden(name, monkeypatch):
+def test_looping_over_displacements_matches_golden(name, tuning):
   # Small windows are unrolled; force the loop used by large windows, with
   # tables split into one group per displacement.
-  monkeypatch.setattr(_dependence, "_UNROLLED_ROWS", 0)
-  monkeypatch.setattr(_dependence, "_GROUP_CELLS", 1)
+  tuning(_mi_pairs, "UNROLLED_ROWS", 0)
+  tuning(_mi_counts, "_GROUP_CELLS", 1)
   x, kwargs, golden_kwargs = GOLDEN_CASES[name]
   want = _golden(np.asarray(jnp.asarray(x, jnp.float32)), **golden_kwargs)
   _assert_matches(spatial_dependence(x, **kwargs), want)
@@ -327,11 +345,11 @@ def test_non_finite_inputs_poison_the_whole_matrix():
     assert np.isnan(spatial_dependence(y)).all()
 
 
-def test_batch_chunking_with_a_ragged_last_chunk(monkeypatch):
+def test_batch_chunking_with_a_ragged_last_chunk(tuning):
   # 7 images of 7x7x3 padded pixels in chunks of 2: the fourth chunk is
   # shifted back to images 5-6 and its already counted image 5 masked out.
   x = _relu_blur((7, 5, 5, 3), 10)
-  monkeypatch.setattr(_dependence, "_CHUNK_ELEMENTS", 2 * 7 * 7 * 3)
+  tuning(_mi_counts, "_CHUNK_ELEMENTS", 2 * 7 * 7 * 3)
   for removal in (False, True):
     got = spatial_dependence(x, diagonal_removal=removal)
     _assert_matches(got, _golden(x, diagonal_removal=removal))
@@ -492,9 +510,9 @@ def _golden_sampled(x, key, m, diagonal_removal=False):
 
 @pytest.mark.parametrize("removal, looped",
                          [(False, False), (True, False), (True, True)])
-def test_subsample_counts_the_drawn_pairs(removal, looped, monkeypatch):
+def test_subsample_counts_the_drawn_pairs(removal, looped, tuning):
   if looped:  # as for a large window: a loop over the displacements
-    monkeypatch.setattr(_dependence, "_UNROLLED_ROWS", 0)
+    tuning(_mi_pairs, "UNROLLED_ROWS", 0)
   x = _relu_blur((64, 12, 12, 2), 11)
   sample = 2048
   assert 4 * sample < 64 * 13 * 13  # so every displacement is really sampled
