@@ -270,9 +270,14 @@ def groups(plan: _mi_plan.Plan, channels: int) -> list[_Cells]:
 
 def _cell_ids(
     cells: _Cells, ranges: _Ranges, row: Any, xs: jax.Array, ys: jax.Array,
-    keep: jax.Array,
+    keep: jax.Array, diagonal_removal: bool,
 ) -> jax.Array:
-  """Table cell of each pair of group row `row`; others go to spare cells."""
+  """Table cell of each kept pair of group row `row`; others go to spare cells.
+
+  With diagonal removal, a pair with a zero pixel is not kept.
+  """
+  if diagonal_removal:
+    keep = keep & (xs != 0) & (ys != 0)
   live_row = cells.start + row
   lo = _mi_pairs.take(ranges.lo, live_row)
   scale = _mi_pairs.take(ranges.scale, live_row)
@@ -355,9 +360,8 @@ def _count_pairs(
       xs, ys, valid = _mi_pairs.row_pairs(xp, plan, cells.start + row)
       keep = _mi_pairs.fresh_mask(fresh, xs)
       keep = keep if valid is None else keep & valid
-      if plan.diagonal_removal:
-        keep = keep & (xs != 0) & (ys != 0)
-      ids.append(_cell_ids(cells, ranges, row, xs, ys, keep))
+      ids.append(_cell_ids(cells, ranges, row, xs, ys, keep,
+                           plan.diagonal_removal))
     return ids
 
   return _pipelined_counts(tables, schedule.num, chunk_ids, cells.spare())
@@ -396,10 +400,8 @@ def _count_sample(
       where_x, where_y, here = _mi_pairs.locate(
           pos, cells.start + row, plan, first, inputs.shape[0])
       xs, ys = pixels(where_x), pixels(where_y)
-      keep = fresh & here[:, None]
-      if plan.diagonal_removal:
-        keep = keep & (xs != 0) & (ys != 0)
-      ids.append(_cell_ids(cells, ranges, row, xs, ys, keep))
+      ids.append(_cell_ids(cells, ranges, row, xs, ys, fresh & here[:, None],
+                           plan.diagonal_removal))
     return ids
 
   return _pipelined_counts(tables, schedule.num, sample_ids, cells.spare())
