@@ -183,16 +183,20 @@ def _check_record(name: str, record: ConvInput,
 
 def _dependence_of(records: Sequence[ConvInput], size, *, k,
                    diagonal_removal) -> jax.Array:
-  """The dependence of several calls, weighted by their padded pixels."""
-  total, weight = 0.0, 0
+  """The dependence of several calls, each entry weighted by the pixels
+  (N x spatial, unpadded) of the calls where it is defined."""
+  total, weight = 0.0, 0.0
   for record in records:
     d = _dependence.spatial_dependence(
         record.inputs, size, padding=record.padding, k=k,
         diagonal_removal=diagonal_removal,
-        dilation=record.dilation or 1,
+        dilation=record.dilation or 1, strides=record.strides or 1,
         padding_mode=record.padding_mode)
-    pixels = int(np.prod(np.shape(record.inputs)[:-1]))
-    total, weight = total + pixels * d, weight + pixels
+    pixels = float(np.prod(np.shape(record.inputs)[:-1]))
+    defined = ~jnp.isnan(d)
+    total = total + jnp.where(defined, pixels * d, 0.0)
+    weight = weight + jnp.where(defined, pixels, 0.0)
+  # Undefined in every call: 0 / 0 = NaN, and the previous matrix stays.
   return total / weight
 
 

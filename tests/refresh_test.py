@@ -208,6 +208,39 @@ def test_calls_at_two_resolutions_are_weighted_by_their_pixels():
   assert not np.allclose(d_big / d_big.mean(), d / d.mean(), rtol=1e-3)
 
 
+def test_padding_string_is_resolved_with_the_records_strides():
+  _, params, _, captured = setup()
+  inputs = captured["wide"]["kernel"].inputs[..., :6]  # (4, 8, 8, 6)
+  record = sgs_optax.ConvInput(inputs, "SAME", strides=(2, 2))
+  state = sgs_optax.sgs().init(params)
+  new = sgs_optax.refresh_scalings(
+      state, {**captured, "wide": {"kernel": record}})
+  # SAME with stride 2 on 8 pixels pads (0, 1) and (1, 2): lax's rule, not
+  # stride 1's (1, 1) and (2, 2).
+  pads = jax.lax.padtype_to_pads((8, 8), (3, 5), (2, 2), "SAME")
+  assert tuple(map(tuple, pads)) == ((0, 1), (1, 2))
+  want = expected_scaling(sgs_optax.ConvInput(inputs, pads), (3, 5))
+  got = np.asarray(sgs_optax.get_scalings(new)["wide"]["kernel"])
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  stride_one = expected_scaling(sgs_optax.ConvInput(inputs, "SAME"), (3, 5))
+  assert not np.allclose(got, stride_one, rtol=1e-3)
+
+
+def test_an_entry_undefined_in_one_call_comes_from_the_others():
+  _, params, _, captured = setup()
+  record = captured["stem"]["kernel"]
+  # Constant maps, no padding: every off-centre entry of this call is
+  # undefined (NaN).
+  flat = sgs_optax.ConvInput(jnp.ones_like(record.inputs), "VALID")
+  d_flat = sgs_optax.spatial_dependence(flat.inputs, padding="VALID")
+  assert np.isnan(d_flat).sum() == 8
+  state = sgs_optax.sgs().init(params)
+  new = sgs_optax.refresh_scalings(
+      state, {**captured, "stem": {"kernel": (record, flat)}})
+  np.testing.assert_allclose(sgs_optax.get_scalings(new)["stem"]["kernel"],
+                             expected_scaling(record, (3, 3)), rtol=1e-5)
+
+
 def test_stacked_layers_get_one_matrix_each():
   x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 8, 8, 3)))
   params = ScanNet().init(jax.random.key(1), x)["params"]
