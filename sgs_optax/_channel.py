@@ -46,10 +46,12 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sgs_optax._kernels import check_selects_a_leaf
 from sgs_optax._kernels import KernelLayoutSpec
 from sgs_optax._kernels import Layout
 from sgs_optax._kernels import map_layouts
 from sgs_optax._kernels import parse_layout
+from sgs_optax._kernels import plain_arrays
 from sgs_optax._kernels import resolve_layouts
 
 METRICS = ("sobolev", "reweighted_l2", "reweighted_sobolev")
@@ -459,7 +461,11 @@ def channel_directed_gradients(
     parse_layout(kernel_layout)  # Fail at construction, not at first update.
 
   def init_fn(params):
-    del params
+    params = plain_arrays(params)
+    if jax.tree.leaves(params):  # Not tree_map_params' leafless placeholder.
+      layouts = resolve_layouts(params, kernel_layout,
+                                include_dense=include_dense)
+      check_selects_a_leaf("cdg", params, layouts, kernel_layout)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Layout: TypeAlias = str
@@ -227,6 +228,28 @@ def resolve_layouts(
   return jax.tree.map_with_path(
       lambda p, x, layout: _checked(path_name(p), x, layout),
       tree, layouts, is_leaf=_is_masked,
+  )
+
+
+def check_selects_a_leaf(transform: str, tree: Any, layouts: LayoutTree,
+                         kernel_layout: KernelLayoutSpec) -> None:
+  """Raises when ``layouts`` select no leaf of ``tree``: the transform would
+  silently do nothing. A tree whose leaves are all masked out, or that has
+  none (the placeholder of ``optax.tree_utils.tree_map_params``), passes.
+  """
+  leaves = [x for x in jax.tree.leaves(tree, is_leaf=_is_masked)
+            if not _is_masked(x)]
+  if not leaves or any(jax.tree.leaves(layouts)):
+    return
+  ranks = sorted({np.ndim(x) for x in leaves})
+  spec = kernel_layout if isinstance(kernel_layout, str) else "the given tree"
+  raise ValueError(
+      f"{transform}: kernel_layout {spec!r} selects none of the "
+      f"{len(leaves)} parameter leaves left by any mask (their ranks: "
+      f"{ranks}), so it would do nothing. Pass the layout of your conv kernels: e.g. 'OIHW' for "
+      "Equinox or PyTorch-style weights, 'WIO' for 1-D convs, 'DHWIO' for "
+      "3-D convs, 'LHWIO' for layers stacked by a scan, or a per-leaf tree. "
+      "Flattened params (optax.flatten) hold no kernel."
   )
 
 

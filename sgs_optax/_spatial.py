@@ -154,6 +154,13 @@ def _is_concrete(x: Any) -> bool:
 
 def _check_matrix(name: str, matrix: Any) -> None:
   """Validates a user-given matrix (type, finiteness, sign)."""
+  if np.ndim(matrix) == 0 and not isinstance(matrix, str):
+    raise ValueError(
+        f"scaling for {name} is the scalar {matrix!r}: a constant factor "
+        "only rescales the learning rate. Pass a matrix (e.g. "
+        "np.array([[1, 2, 1], [2, 3, 2], [1, 2, 1]])), a preset name, a "
+        "params-shaped pytree of arrays, or None."
+    )
   if not isinstance(matrix, (np.ndarray, jax.Array)):
     raise ValueError(
         f"scaling for {name} must be an array, got {type(matrix).__name__}: "
@@ -235,8 +242,12 @@ class _Spec(NamedTuple):
 
 
 def _could_be_a_kernel(x: Any) -> bool:
-  return (not _is_masked(x) and 3 <= x.ndim <= 5
-          and jnp.issubdtype(x.dtype, jnp.floating))
+  """A float leaf of rank 3 to 5 that mixes at least two axes: a bias kept
+  as (C, 1, 1), as Equinox does, is not taken for a kernel."""
+  shape = np.shape(x)
+  return (not _is_masked(x) and 3 <= len(shape) <= 5
+          and sum(size > 1 for size in shape) >= 2
+          and jnp.issubdtype(jnp.result_type(x), jnp.floating))
 
 
 def _skip(spec: _Spec, name: str, reason: str) -> tuple[None, str]:
@@ -274,7 +285,7 @@ def _starting_matrix(spec: _Spec, name: str, kernel: Any, layout: Any,
           "a 1-D conv, 'LHWIO' for stacked layers, 'DHWIO' for a 3-D conv) "
           "or None to skip it."
       )
-    return None, None
+    return None, None if layout is None else reason
   size = _kernels.spatial_shape(kernel, layout)
   if spec.single_array:
     if given is None:
@@ -387,10 +398,14 @@ def _given_tree(spec: _Spec, params: Any, layouts: Any) -> Any:
 
 
 def _check_something_scaled(spec: _Spec, matrices: dict,
-                            skipped: dict[str, str]) -> None:
+                            skipped: dict[str, str], params: Any,
+                            layouts: Any, kernel_layout: Any) -> None:
   """A preset or the learned mode that scales no kernel at all raises."""
-  if matrices or not skipped or not (
-      spec.scaling is None or isinstance(spec.scaling, str)):
+  if matrices or not (spec.scaling is None or isinstance(spec.scaling, str)):
+    return
+  _kernels.check_selects_a_leaf(f"sgs({spec.scaling!r})", params, layouts,
+                                kernel_layout)
+  if not skipped:
     return
   by_reason = {}
   for name, why in skipped.items():
@@ -400,7 +415,9 @@ def _check_something_scaled(spec: _Spec, matrices: dict,
   raise ValueError(
       f"sgs({spec.scaling!r}) scales none of the conv kernels it selected "
       f"({reasons}). Pass matrices (e.g. from branch_scaling) or another "
-      "preset, or leave these kernels out with kernel_layout or mask."
+      "preset, or leave these kernels out with kernel_layout or mask. If "
+      "they are not laid out as kernel_layout says, pass their layout "
+      "(Equinox and PyTorch-style weights are 'OIHW')."
   )
 
 
@@ -425,14 +442,25 @@ def _scale_by_table(spec: _Spec, learned: bool,
       matrix, reason = _starting_matrix(spec, name, kernel, layout,
                                         given_matrix)
       if matrix is not None:
+        if name in kernels:
+          raise ValueError(
+              f"Two scaled kernels have the path name {name!r} (a key "
+              "holding '/' clashes with nested keys): rename one.")
+        kernels[name] = KernelInfo.of(kernel, layout)
+        if learned and any(s % 2 == 0 for s in kernels[name].size):
+          raise ValueError(
+              f"Learned SGS: {name} has the even kernel size "
+              f"{kernels[name].size}, which the dependence matrix (centred "
+              "on a tap) cannot fit: leave it out with kernel_layout or mask, "
+              "or use learn=False.")
         matrices[name] = _as_state_matrix(name, matrix, kernel, layout,
                                           spec.normalize)
-        kernels[name] = KernelInfo.of(kernel, layout)
       elif reason is not None:
         skipped[name] = reason
 
     _kernels.map_layouts(add, layouts, params, given)
-    _check_something_scaled(spec, matrices, skipped)
+    _check_something_scaled(spec, matrices, skipped, params, layouts,
+                            kernel_layout)
     structure = jax.tree.structure(params, is_leaf=_is_masked)
     return SpatialScalingState(
         ScalingTable(matrices, structure, learned, kernels))
@@ -482,7 +510,7 @@ def _validated_spec(scaling: Scaling, normalize: bool, strict: bool,
       isinstance(x, (int, float, list, tuple)) for x in scaling):
     _check_matrix("all kernels", scaling)  # raises: not an array.
   single_array = isinstance(scaling, (np.ndarray, jax.Array))
-  if single_array:
+  if single_array or isinstance(scaling, (int, float, np.number)):
     _check_matrix("all kernels", scaling)
   return _Spec(scaling, single_array, bool(normalize), bool(strict), by_rank)
 

@@ -557,6 +557,11 @@ def test_stacked_layers_are_smoothed_layer_by_layer():
   inverse = dense_inverse_metric(8, 1.5, "sobolev", "periodic")
   np.testing.assert_allclose(out["k"], apply_along(inverse, g, 4), rtol=1e-5,
                              atol=1e-6)
-  # The default layout string selects rank-4 leaves only: untouched.
-  same, _ = cdg().update({"k": g}, cdg().init({"k": g}))
+  # The default layout string selects rank-4 leaves only: with no other
+  # leaf, cdg would do nothing, and says so.
+  with pytest.raises(ValueError, match="'HWIO' selects none.*'LHWIO'"):
+    cdg().init({"k": g})
+  # Beside a rank-4 kernel, the stack is left alone.
+  w = randn(8, (3, 3, 2, 8))
+  same, _ = cdg().update({"k": g, "w": w}, cdg().init({"k": g, "w": w}))
   np.testing.assert_array_equal(same["k"], g)

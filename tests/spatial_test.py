@@ -472,3 +472,56 @@ def test_strict_names_the_layout_for_unselected_kernel_like_leaves():
   _, state = apply(sgs_optax.sgs("acb", strict=True, kernel_layout=layouts),
                    grads)
   assert sgs_optax.get_scalings(state)["stacked"].shape == (2, 3, 3)
+
+
+@pytest.mark.parametrize("tx, params", [
+    # optax.flatten leaves one vector: no kernel at all, strict or not.
+    (optax.flatten(sgs_optax.sgs("acb", strict=True)), None),
+    (sgs_optax.sgs("repvgg"), {"conv1d": jnp.ones((3, 2, 4))}),
+    (sgs_optax.sgs(), {"scanned": jnp.ones((2, 3, 3, 2, 4))}),
+    (sgs_optax.cdg(), {"conv1d": jnp.ones((3, 2, 4))}),
+    (optax.flatten(sgs_optax.cdg()), None),
+], ids=["flatten-sgs", "1d-preset", "stacked-learned", "1d-cdg",
+        "flatten-cdg"])
+def test_a_layout_that_selects_nothing_raises_instead_of_a_no_op(tx, params):
+  params = make_params() if params is None else params
+  with pytest.raises(ValueError, match="'HWIO' selects none.*'OIHW'"):
+    tx.init(params)
+
+
+def test_pointwise_only_model_raises_for_a_preset():
+  params = {"pw": {"kernel": jnp.ones((1, 1, 2, 4))}}
+  with pytest.raises(ValueError, match="scales none.*axis of size 1"):
+    sgs_optax.sgs("acb").init(params)
+
+
+def test_strict_accepts_equinox_biases_and_python_scalars():
+  # Equinox keeps a conv bias as (C, 1, 1): no conv kernel, even under
+  # strict; a Python float leaf is no kernel either.
+  params = {"weight": jnp.ones((5, 3, 3, 3)), "bias": jnp.ones((5, 1, 1)),
+            "temperature": 1.5}
+  state = sgs_optax.sgs("acb", strict=True, kernel_layout="OIHW").init(params)
+  assert list(state.scalings) == ["weight"]
+  with pytest.raises(ValueError, match="'OIHW'"):
+    # Read as HWIO, the 5x3 "kernel" has an even size: the message points to
+    # the layout.
+    sgs_optax.sgs("acb").init({"weight": jnp.ones((5, 4, 3, 3))})
+
+
+@pytest.mark.parametrize("scaling", [2.0, np.float32(2.0), jnp.asarray(2.0)])
+def test_a_scalar_scaling_raises(scaling):
+  with pytest.raises(ValueError, match="scalar.*only rescales the learning"):
+    sgs_optax.sgs(scaling)
+
+
+def test_learned_even_kernel_raises_at_init_not_at_refresh():
+  with pytest.raises(ValueError, match="Learned SGS: k has the even kernel"):
+    sgs_optax.sgs(np.ones((4, 4)), learn=True).init(
+        {"k": jnp.ones((4, 4, 2, 3))})
+
+
+def test_clashing_path_names_raise():
+  params = {"enc/conv": {"w": jnp.ones((3, 3, 2, 4))},
+            "enc": {"conv": {"w": jnp.ones((3, 3, 2, 4))}}}
+  with pytest.raises(ValueError, match="path name 'enc/conv/w'"):
+    sgs_optax.sgs("acb").init(params)
