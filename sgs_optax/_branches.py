@@ -214,6 +214,30 @@ def branch_scaling(
   return total
 
 
+def _check_branch_kernels(params: Any, n_branches: int) -> None:
+  """Raises unless ``params`` holds exactly ``kernel_0 .. kernel_{N-1}``."""
+  present = {k for k in params if str(k).startswith("kernel_")}
+  expected = {f"kernel_{i}" for i in range(n_branches)}
+  by_index = lambda keys: sorted(keys, key=lambda k: (len(k), k))
+  problems = []
+  if expected - present:
+    problems.append(f"{by_index(expected - present)} missing")
+  if present - expected:
+    problems.append(
+        f"{by_index(present - expected)} not covered by the branches (list "
+        "every branch the module was built with, or it is dropped)")
+  if not problems:
+    return
+  hint = ""
+  if "params" in params:
+    hint = (" This looks like a variables dict: pass the layer's params, "
+            "variables['params'][layer_name].")
+  raise ValueError(
+      f"merge_branches got {n_branches} branches, so the params must hold "
+      f"kernel_0 .. kernel_{n_branches - 1}: {'; '.join(problems)}.{hint}"
+  )
+
+
 def merge_branches(
     params: dict[str, Any],
     kernel_size: Sequence[int],
@@ -237,13 +261,16 @@ def merge_branches(
     has one: the params of a plain ``nn.Conv`` of ``kernel_size``.
 
   Raises:
-    ValueError: as :func:`branch_scaling`, and for a kernel whose shape does
-      not match its branch.
+    ValueError: as :func:`branch_scaling`; if the params do not hold
+      exactly one kernel ``kernel_k`` per branch (a branch left out of
+      ``branches`` would be silently dropped from the merge); and for a
+      kernel whose shape does not match its branch.
   """
   kernel_size = _kernel_size(kernel_size)
   n = len(kernel_size)
   scale_arrays = check_scales(branches, branch_scales)
   dilations = check_dilations(branches, dilations)
+  _check_branch_kernels(params, len(branches))
   merged = None
   for index, (branch, dilation, scale) in enumerate(
       zip(branches, dilations, scale_arrays)):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -229,6 +229,15 @@ def _linen(model, variables, *args, **kwargs):
         "discards every mutation (BatchNorm statistics, sown values): drop "
         "mutable=. The paper captures in eval mode: pass e.g. train=False."
     )
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    found = (f"keys {sorted(map(str, variables))}"
+             if isinstance(variables, Mapping)
+             else f"a value of type {type(variables).__name__}")
+    raise ValueError(
+        "capture_conv_inputs(linen_model, variables, *inputs): pass the "
+        "variables dict ({'params': ...}, plus e.g. 'batch_stats') that the "
+        f"model is applied with, not the params alone; got {found}."
+    )
 
   def fn(params, *a, **kw):
     return model.apply({**variables, "params": params}, *a, mutable=True,
@@ -295,7 +304,10 @@ def capture_conv_inputs(model: Any, *args, **kwargs) -> Any:
   * any other callable: ``capture_conv_inputs(fn, params, *args, **kwargs)``
     calls ``fn(params, *args, **kwargs)``, keyed like ``params``.
 
-  Pass the params the optimizer sees, so that the keys match its state.
+  Pass the params the optimizer sees, so that the keys match its state:
+  with Flax metadata boxes (``nn.with_partitioning``), boxed variables if
+  the optimizer was initialised with boxed params, ``nn.unbox(variables)``
+  if with unboxed ones.
   Array leaves of the arguments are traced; other leaves (flags such as
   ``train=False``) stay static. It works eagerly and under ``jax.jit``.
 
@@ -309,10 +321,10 @@ def capture_conv_inputs(model: Any, *args, **kwargs) -> Any:
   are pooled along the batch; calls at several geometries give a tuple of
   records. Convs inside a ``scan`` over stacked kernels (``nn.scan``) give
   per-layer inputs ``(L, N, *spatial, C)``. Not recorded: convs whose kernel
-  depends on no params leaf or on several (e.g. kernels modulated by
-  activations, branches merged on the fly), convs inside ``cond``,
-  ``while_loop`` and ``shard_map`` bodies; :func:`refresh_scalings` raises
-  for a learned kernel that has no record.
+  depends on no params leaf or on several (e.g. ``nn.WeightNorm``, kernels
+  modulated by activations, branches merged on the fly), convs inside
+  ``cond``, ``while_loop`` and ``shard_map`` bodies; :func:`refresh_scalings`
+  raises for a learned kernel that has no record.
 
   Args:
     model: a Flax linen, Flax NNX or Equinox module, or a function
@@ -327,7 +339,9 @@ def capture_conv_inputs(model: Any, *args, **kwargs) -> Any:
     ``None`` elsewhere.
 
   Raises:
-    ValueError: if ``mutable`` is passed for a linen module.
+    ValueError: for a linen module, if ``mutable`` is passed or the
+      variables have no ``"params"`` collection (the params were passed
+      instead of the variables).
 
   Examples:
     >>> import jax, jax.numpy as jnp, sgs_optax

@@ -131,6 +131,25 @@ def _learned_states(opt_state: optax.OptState):
   return learned
 
 
+def _box_hint(names, others) -> str:
+  """A hint if ``names`` and ``others`` differ only by Flax metadata boxes.
+
+  Boxed params (``nn.with_partitioning`` gives ``nn.Partitioned`` leaves)
+  name a kernel ``.../kernel/value``, unboxed ones ``.../kernel``.
+  """
+  others = set(others)
+  boxed = lambda n: n + "/value" in others
+  unboxed = lambda n: n.endswith("/value") and n[:-len("/value")] in others
+  if not any(boxed(n) or unboxed(n) for n in names):
+    return ""
+  return (" The captured inputs and the optimizer's params differ by Flax "
+          "metadata boxes (a kernel boxed by nn.with_partitioning is named "
+          "'.../kernel/value'): capture with the params in the form the "
+          "optimizer was initialised with, boxed or unboxed, e.g. "
+          "capture_conv_inputs(model, nn.unbox(variables), x) for an "
+          "optimizer on nn.unbox-ed params.")
+
+
 def _check_captured(records: dict[str, Any], tables) -> None:
   for name in records:
     if not any(_is_param_name(name, t) for t in tables):
@@ -138,14 +157,19 @@ def _check_captured(records: dict[str, Any], tables) -> None:
           f"captured conv input {name!r} is not a parameter of the model "
           "the optimizer was initialised with: key the captured inputs like "
           "the params the optimizer sees (without a top-level 'params')."
+          + _box_hint([name], [n for t in tables for n in t.names])
       )
   for table in tables:
     missing = [name for name in table if name not in records]
     if missing:
+      cause = _box_hint(missing, records) or (
+          " Was each of these layers called in the captured forward pass? "
+          "Or is its kernel computed from several params (e.g. "
+          "nn.WeightNorm, nn.SpectralNorm), which capture does not follow?")
       raise ValueError(
-          f"No captured input for the learned SGS kernels {missing}: was "
-          "each of these layers called in the captured forward pass? Leave "
-          "a kernel out of learning with sgs(..., mask=...) or learn=False."
+          f"No captured input for the learned SGS kernels {missing}.{cause} "
+          "Leave a kernel out of learning with sgs(..., mask=...) or "
+          "learn=False."
       )
 
 

@@ -83,6 +83,26 @@ def test_merge_branches_pads_each_branch_into_the_centre():
     sgs_optax.merge_branches(params, (3, 3), [(3, 3), (3, 1)])
 
 
+def test_merge_branches_needs_exactly_one_kernel_per_branch():
+  # ACB params: every branch a different constant, merged by hand below.
+  params = {"kernel_0": np.full((3, 3, 1, 1), 1.0, np.float32),
+            "kernel_1": np.full((1, 3, 1, 1), 10.0, np.float32),
+            "kernel_2": np.full((3, 1, 1, 1), 100.0, np.float32)}
+  by_hand = np.ones((3, 3))
+  by_hand[1, :] += 10.0
+  by_hand[:, 1] += 100.0
+  acb = [(3, 3), (1, 3), (3, 1)]
+  merged = sgs_optax.merge_branches(params, (3, 3), acb)
+  np.testing.assert_array_equal(merged["kernel"][:, :, 0, 0], by_hand)
+  # A branch left out would be dropped from the merged weights.
+  with pytest.raises(ValueError, match=r"\['kernel_2'\] not covered"):
+    sgs_optax.merge_branches(params, (3, 3), acb[:2])
+  with pytest.raises(ValueError, match=r"\['kernel_3'\] missing"):
+    sgs_optax.merge_branches(params, (3, 3), acb + [(1, 1)])
+  with pytest.raises(ValueError, match=r"variables\['params'\]\[layer_name\]"):
+    sgs_optax.merge_branches({"params": {"conv": params}}, (3, 3), acb)
+
+
 def test_empty_branch_list_raises():
   with pytest.raises(ValueError, match="branches is empty"):
     sgs_optax.branch_scaling((3, 3), [])

@@ -348,3 +348,12 @@ def test_one_d_and_three_d_flax_convs_are_captured():
   assert tuple(map(tuple, jax.lax.padtype_to_pads(
       (6, 5, 4), (3, 1, 5), (2, 2, 2), "SAME"))) == ((0, 1), (0, 0), (1, 2))
   assert captured["c1a"]["bias"] is None
+
+
+def test_linen_params_instead_of_variables_raise():
+  model, variables, x = linen_setup()
+  with pytest.raises(ValueError, match=r"pass the variables dict "
+                     r"\(\{'params': \.\.\.\}"):
+    sgs_optax.capture_conv_inputs(model, variables["params"], x)
+  with pytest.raises(ValueError, match="not the params alone"):
+    sgs_optax.capture_conv_inputs(model, x)

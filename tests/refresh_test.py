@@ -359,3 +359,60 @@ def test_stacked_one_d_layers_get_one_mean_one_matrix_each():
     np.testing.assert_allclose(
         got[layer], direct_scaling(x[layer], (5,), ((2, 2),)), rtol=1e-5)
   assert not np.allclose(got[0], got[1], rtol=1e-2)
+
+
+class BoxedNet(nn.Module):
+  """Kernels boxed by nn.with_partitioning, Flax's sharding recipe."""
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.with_partitioning(nn.initializers.lecun_normal(),
+                                (None, None, None, "model"))
+    x = nn.relu(nn.Conv(4, (3, 3), kernel_init=init, name="c1")(x))
+    return nn.Conv(4, (3, 3), kernel_init=init, name="c2")(x)
+
+
+@pytest.mark.parametrize("boxed", [True, False])
+def test_boxed_params_are_learned_when_captured_in_the_optimizers_form(
+    boxed):
+  x = jax.nn.relu(jax.random.normal(jax.random.key(3), (4, 8, 8, 3)))
+  variables = BoxedNet().init(jax.random.key(0), x)
+  assert isinstance(variables["params"]["c1"]["kernel"], nn.Partitioned)
+  plain = nn.unbox(variables)
+  # The optimizer and the capture see the params in the same form.
+  seen = variables if boxed else plain
+  state = optax.chain(sgs_optax.sgs(), optax.sgd(0.1)).init(seen["params"])
+  captured = sgs_optax.capture_conv_inputs(BoxedNet(), seen, x)
+  got = nn.unbox(sgs_optax.get_scalings(
+      sgs_optax.refresh_scalings(state, captured)))
+  c1 = plain["params"]["c1"]
+  hidden = jax.nn.relu(jax.lax.conv_general_dilated(
+      x, c1["kernel"], (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + c1["bias"])
+  pads = ((1, 1), (1, 1))
+  np.testing.assert_allclose(got["c1"]["kernel"],
+                             direct_scaling(x, (3, 3), pads), rtol=1e-5)
+  np.testing.assert_allclose(got["c2"]["kernel"],
+                             direct_scaling(hidden, (3, 3), pads), rtol=1e-5)
+  # Captured in the other form, the keys differ by the box: a clear error.
+  other = plain if boxed else variables
+  with pytest.raises(ValueError, match=r"nn\.unbox\(variables\)"):
+    sgs_optax.refresh_scalings(
+        state, sgs_optax.capture_conv_inputs(BoxedNet(), other, x))
+
+
+def test_weight_norm_kernel_is_not_captured_and_the_error_says_why():
+  class Normed(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.WeightNorm(nn.Conv(4, (3, 3), name="c"))(x)
+
+  x = jnp.ones((2, 8, 8, 3))
+  variables = Normed().init(jax.random.key(0), x)
+  state = sgs_optax.sgs().init(variables["params"])
+  captured = sgs_optax.capture_conv_inputs(Normed(), variables, x)
+  assert captured["c"]["kernel"] is None
+  with pytest.raises(ValueError, match=r"\['c/kernel'\].*several params "
+                     r"\(e\.g\. nn\.WeightNorm"):
+    sgs_optax.refresh_scalings(state, captured)
