@@ -265,7 +265,9 @@ def test_parse_args_defaults():
   assert args.seeds == 3 and args.methods == list(compare.METHODS)
   assert args.epochs == compare.DEFAULT_EPOCHS["digits"]
   assert args.lr == pytest.approx(0.1 * args.batch_size / 128)
-  assert args.tune is False and args.augment is False
+  assert args.tune is True and args.augment is False  # tuned on digits.
+  assert compare.parse_args(["--no-tune"]).tune is False
+  assert compare.parse_args(["--dataset", "mnist"]).tune is False
   assert args.out == "results/compare.json"
   assert args.plot == "results/compare.png"
   assert args.checkpoint_dir == "" and args.epoch_log == ""
