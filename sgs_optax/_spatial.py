@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -74,6 +75,7 @@ class ScalingTable(Mapping):
     self.structure = structure
     self.learned = bool(learned)
     self.kernels = dict(kernels)
+    _register_with_flax()
 
   def __getitem__(self, name: str) -> Any:
     return self._matrices[name]
@@ -125,6 +127,37 @@ class ScalingTable(Mapping):
     keys, structure, learned, infos = aux
     return cls(dict(zip(keys, children)), structure, learned,
                dict(zip(keys, infos)))
+
+
+def _table_to_state_dict(table: ScalingTable) -> dict[str, Any]:
+  return dict(table)
+
+
+def _table_from_state_dict(table: ScalingTable,
+                           state: dict[str, Any]) -> ScalingTable:
+  if set(state) != set(table):
+    raise ValueError(
+        f"The saved SGS matrices are for {sorted(state)}, the state to "
+        f"restore into has {sorted(table)}: is it the same model?")
+  return table.replace(state)
+
+
+_flax_registered = False
+
+
+def _register_with_flax() -> None:
+  """Lets ``flax.serialization`` (``to_bytes``, ``from_bytes``) save tables.
+
+  Flax is optional; whoever serialises a state with it has imported it by
+  the time a table is built, and the table then registers itself, once.
+  """
+  global _flax_registered
+  serialization = sys.modules.get("flax.serialization")
+  if _flax_registered or serialization is None:
+    return
+  serialization.register_serialization_state(
+      ScalingTable, _table_to_state_dict, _table_from_state_dict)
+  _flax_registered = True
 
 
 class SpatialScalingState(NamedTuple):

@@ -525,3 +525,20 @@ def test_clashing_path_names_raise():
             "enc": {"conv": {"w": jnp.ones((3, 3, 2, 4))}}}
   with pytest.raises(ValueError, match="path name 'enc/conv/w'"):
     sgs_optax.sgs("acb").init(params)
+
+
+def test_flax_serialization_round_trips_learned_matrices():
+  serialization = pytest.importorskip("flax.serialization")
+  params = {"stem": make_params()["stem"]}
+  tx = optax.chain(sgs_optax.sgs(), optax.sgd(0.1, momentum=0.9))
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (4, 6, 6, 1)))
+  state = sgs_optax.refresh_scalings(tx.init(params), {
+      "stem": {"kernel": sgs_optax.ConvInput(x, "SAME")}})
+  blob = serialization.to_bytes(state)
+  back = serialization.from_bytes(tx.init(params), blob)
+  want = np.asarray(sgs_optax.get_scalings(state)["stem"]["kernel"])
+  assert not np.allclose(want, 1.0)  # the refreshed matrix, not the start.
+  np.testing.assert_array_equal(
+      sgs_optax.get_scalings(back)["stem"]["kernel"], want)
+  with pytest.raises(ValueError, match="same model"):
+    serialization.from_bytes(tx.init({"other": params["stem"]}), blob)
