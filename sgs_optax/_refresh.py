@@ -232,10 +232,11 @@ def _new_matrix(name: str, matrix: jax.Array, info: _spatial.KernelInfo,
     if info.layers is None:
       dependence = _dependence_of(records, info.size, **stats)
     else:
-      dependence = jnp.stack([
-          _dependence_of([dataclasses.replace(r, inputs=r.inputs[layer])
-                          for r in records], info.size, **stats)
-          for layer in range(info.layers)])
+      # Mapped over the stack rather than unrolled: compile time does not
+      # grow with the number of layers.
+      dependence = jax.vmap(lambda stacks: _dependence_of(
+          [dataclasses.replace(r, inputs=x) for r, x in zip(records, stacks)],
+          info.size, **stats))([r.inputs for r in records])
   except ValueError as e:
     raise ValueError(f"Layer {name!r}: {e}") from None
   # Mean 1 over the kernel's own spatial axes, of any rank: one matrix per
