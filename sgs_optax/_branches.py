@@ -12,7 +12,12 @@ only ever sees the merged kernel ``W = sum_k alpha_k * P_k(V_k)``, where
     S = sum_k alpha_k**2 * M_k,
 
 ``M_k`` being the 0/1 mask of the positions branch ``k`` covers (SPEC 1.2:
-``P_k P_k^T = M_k`` for any injective placement).
+``P_k P_k^T = M_k`` for any injective placement). A scale-invariant
+elementwise optimizer (Adam, AdamW, RMSProp, Adagrad from zero, Lion, sign
+descent) on the branches moves ``W`` exactly as the same optimizer on ``W``
+with its direction multiplied by ``S1 = sum_k |alpha_k| * M_k``
+(``power=1``), placed after the direction and before decoupled weight decay
+and the learning rate.
 
 References:
   Detkov et al., `Reparameterization through Spatial Gradient Scaling
@@ -159,13 +164,29 @@ def branch_scaling(
     branches: Sequence[SizeLike],
     scales: Sequence[Scale] | None = None,
     dilations: Sequence[SizeLike] | None = None,
+    *,
+    power: int = 2,
 ) -> np.ndarray:
-  """The exact SGS matrix ``S = sum_k scales_k**2 * mask_k`` of a branch set.
+  """The exact SGS matrix ``sum_k |scales_k|**power * mask_k`` of a branch set.
 
-  Training a conv whose gradient is multiplied by ``S`` with SGD (momentum,
-  Nesterov and coupled L2 weight decay included) is exactly equivalent to
-  training the branched conv, started from the merged weights (SPEC 1.2).
-  Any number of spatial axes works: 1-D, 2-D and 3-D kernels alike.
+  Which power depends on the optimizer the merged conv is trained with
+  (started from the merged weights, SPEC 1.2; see the placement guide):
+
+  * ``power=2``, ``S = sum_k scales_k**2 * mask_k``, for SGD (momentum,
+    Nesterov and coupled L2 weight decay included): the gradient is
+    multiplied by ``S`` *before* the optimizer, because branch ``k`` sees the
+    merged gradient times ``scales_k`` and moves the merged kernel by its own
+    step times ``scales_k`` again.
+  * ``power=1``, ``S1 = sum_k |scales_k| * mask_k``, for scale-invariant
+    elementwise optimizers (Adam, AdamW, RMSProp, Adagrad from a zero
+    accumulator, Lion, sign descent; eps negligible): the *direction* is
+    multiplied by ``S1`` after the optimizer's scaling and before decoupled
+    weight decay and the learning rate, because such a direction only keeps
+    the sign of a branch's gradient scale, and the branch moves the merged
+    kernel by that direction times ``scales_k``.
+
+  With unit (or +-1) scales both powers give the same matrix, so the presets
+  serve both. Any number of spatial axes works: 1-D, 2-D and 3-D kernels.
 
   Args:
     kernel_size: the merged kernel's size, one int per spatial axis:
@@ -178,6 +199,8 @@ def branch_scaling(
     dilations: optional dilation per branch (default 1), an int or one per
       axis. A branch of size ``b`` and dilation ``d`` covers every ``d``-th
       of ``(b - 1) * d + 1`` positions per axis, centred.
+    power: 2 (the default: SGD's matrix, used before the optimizer) or 1
+      (scale-invariant optimizers' matrix, used after their direction).
 
   Returns:
     A float64 numpy array of shape ``kernel_size``, or ``kernel_size +
@@ -186,7 +209,8 @@ def branch_scaling(
   Raises:
     ValueError: for an empty branch list, a branch or dilation with the wrong
       number of axes, a branch that spans more than the kernel or cannot be
-      centred, or scales or dilations that do not match the branches.
+      centred, scales or dilations that do not match the branches, or a
+      ``power`` other than 1 or 2.
 
   Examples:
     >>> import sgs_optax
@@ -196,7 +220,21 @@ def branch_scaling(
            [1., 2., 1.]])
     >>> sgs_optax.branch_scaling((7,), [7, 3, 3], dilations=[1, 1, 2])
     array([1., 2., 2., 3., 2., 2., 1.])
+
+    A 3x3 + 1x1 pair with scales 1 and -2: SGD's matrix adds ``(-2)**2`` at
+    the centre, Adam's adds ``|-2|``.
+
+    >>> sgs_optax.branch_scaling((3, 3), [3, 1], [1.0, -2.0])[1]
+    array([1., 5., 1.])
+    >>> sgs_optax.branch_scaling((3, 3), [3, 1], [1.0, -2.0], power=1)[1]
+    array([1., 3., 1.])
   """
+  if isinstance(power, bool) or power not in (1, 2):
+    raise ValueError(
+        f"power must be 2 (SGD: sum_k scale_k**2 * mask_k, before the "
+        f"optimizer) or 1 (scale-invariant optimizers such as Adam: sum_k "
+        f"|scale_k| * mask_k, after their direction), got {power!r}."
+    )
   kernel_size = _kernel_size(kernel_size)
   scale_arrays = check_scales(branches, scales)
   dilations = check_dilations(branches, dilations)
@@ -210,7 +248,7 @@ def branch_scaling(
   for branch, dilation, scale in zip(branches, dilations, scale_arrays):
     mask = np.zeros(kernel_size + (1,) * len(channel_shape))
     mask[branch_taps(kernel_size, branch, dilation)] = 1.0
-    total += mask * scale**2
+    total += mask * np.abs(scale)**power
   return total
 
 

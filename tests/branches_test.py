@@ -152,6 +152,61 @@ def test_branch_scaling_per_axis_dilation_and_per_channel_scale():
   np.testing.assert_array_equal(got, expected)
 
 
+def loop_power_scaling(kernel_size, branches, scales, dilations, power):
+  """sum_k |alpha_k|**power over the taps of each branch, one at a time."""
+  channels = max((np.size(a) for a in scales if np.ndim(a)), default=None)
+  shape = tuple(kernel_size) + ((channels,) if channels else ())
+  total = np.zeros(shape)
+  for branch, dilation, alpha in zip(branches, dilations, scales):
+    for tap in np.ndindex(*branch):
+      position = tuple((k - ((b - 1) * d + 1)) // 2 + i * d for k, b, d, i in
+                       zip(kernel_size, branch, dilation, tap))
+      total[position] += np.abs(alpha) ** power
+  return total
+
+
+@pytest.mark.parametrize("power", [1, 2])
+@pytest.mark.parametrize(
+    "kernel_size, branches, scales, dilations",
+    [
+        ((3, 3), [(3, 3), (1, 3), (3, 1), (1, 1)],
+         [1.0, 0.7, -1.3, np.array([0.5, -2.0, 1.5])], [(1, 1)] * 4),
+        ((7,), [(7,), (3,), (3,)], [-0.5, 2.0, np.array([-3.0, 0.25])],
+         [(1,), (1,), (2,)]),
+        ((3, 3, 3), [(3, 3, 3), (1, 3, 3), (3, 1, 1)], [1.5, -0.5, -2.0],
+         [(1, 1, 1)] * 3),
+        ((7, 7), [(7, 7), (3, 3), (3, 3)], [1.0, -1.3, 0.4],
+         [(1, 1), (2, 2), (3, 3)]),
+    ],
+)
+def test_branch_scaling_power_sums_abs_scales_to_the_power(
+    kernel_size, branches, scales, dilations, power):
+  got = sgs_optax.branch_scaling(kernel_size, branches, scales, dilations,
+                                 power=power)
+  want = loop_power_scaling(kernel_size, branches, scales, dilations, power)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
+
+
+def test_branch_scaling_power_one_is_linear_in_the_scales():
+  # 3x3 + 1x1 with scales 2 and -3: the centre gets |2| + |-3| = 5 (power 1)
+  # and 4 + 9 = 13 (power 2, the default); unit scales give the same matrix.
+  linear = sgs_optax.branch_scaling((3, 3), [3, 1], [2.0, -3.0], power=1)
+  squared = sgs_optax.branch_scaling((3, 3), [3, 1], [2.0, -3.0])
+  np.testing.assert_array_equal(linear, [[2, 2, 2], [2, 5, 2], [2, 2, 2]])
+  np.testing.assert_array_equal(squared, [[4, 4, 4], [4, 13, 4], [4, 4, 4]])
+  acb = [(3, 3), (1, 3), (3, 1)]
+  np.testing.assert_array_equal(
+      sgs_optax.branch_scaling((3, 3), acb, power=1),
+      sgs_optax.branch_scaling((3, 3), acb))
+
+
+@pytest.mark.parametrize("power", [0, 3, 0.5, -1, True, "1", None])
+def test_branch_scaling_rejects_other_powers(power):
+  with pytest.raises(ValueError, match="power must be 2 .* or 1"):
+    sgs_optax.branch_scaling((3, 3), [3, 1], power=power)
+
+
 def loop_unireplknet_13():
   """UniRepLKNet's K = 13 block by loops: 13 + (5,7,3,3,3) x (1,2,3,4,5)."""
   s = np.ones((13, 13))
