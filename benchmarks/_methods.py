@@ -5,7 +5,9 @@ Each method builds its optax chain at learning rate 1; the train step
 learning rate, so one compiled step serves every learning rate of a tuning
 grid. SGS presets are unnormalised (exactly the branched networks' dynamics).
 Every method has a baseline of its family: ``sgd`` for the SGD-family
-methods and the branched networks, ``adamw`` for ``adamw+sgs``.
+methods and the branched networks, ``adamw`` for the ``adamw+sgs`` ones.
+SGS goes where docs/placement.md puts it: before coupled decay and momentum
+for SGD, after Adam's direction and before its decoupled decay for AdamW.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import jax.numpy as jnp
 import optax
 
 import sgs_optax
@@ -38,6 +41,8 @@ class Method:
     learned: whether the learned SGS matrices are refreshed from data.
     family: "sgd" or "adamw": which default learning rate it starts from,
       and its baseline (the method of that name).
+    default: whether it runs when ``--methods`` is not given (methods left
+      out would push the main job past its time budget).
   """
 
   name: str
@@ -45,6 +50,7 @@ class Method:
   conv: str = "plain"
   learned: bool = False
   family: str = "sgd"
+  default: bool = True
 
   @property
   def baseline(self) -> str:
@@ -67,6 +73,39 @@ def adamw(h: Hyper) -> optax.GradientTransformation:
   return optax.adamw(1.0, weight_decay=h.adamw_weight_decay)
 
 
+def adamw_chain(h: Hyper, scaling: optax.GradientTransformation
+                ) -> optax.GradientTransformation:
+  """``optax.adamw`` with ``scaling`` after the direction, before the decay.
+
+  The exact placement for a branched network (docs/placement.md): the
+  direction times ``sum_k |alpha_k| mask_k``, then decoupled weight decay
+  on the unscaled weights, then the (unit) learning rate.
+  """
+  return optax.chain(optax.scale_by_adam(), scaling,
+                     optax.add_decayed_weights(h.adamw_weight_decay),
+                     optax.scale_by_learning_rate(1.0))
+
+
+def square_root_of(tx: optax.GradientTransformation
+                   ) -> optax.GradientTransformationExtraArgs:
+  """``tx`` (an ``sgs``) applying the square root of its matrices.
+
+  The state stays ``sgs``'s, so ``refresh_scalings`` writes the learned
+  matrices (an SGD multiplier ``S``) there as usual; each update reads
+  ``sqrt(S)``, the multiplier of the same per-tap reparameterization after a
+  scale-invariant direction (docs/placement.md, "Learned matrices").
+  """
+
+  def update_fn(updates, state, params=None, **extra_args):
+    table = state.scalings
+    rooted = table.replace({k: jnp.sqrt(v) for k, v in table.items()})
+    updates, _ = tx.update(updates, state._replace(scalings=rooted), params,
+                           **extra_args)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("sgd", sgd_chain),
     Method("sgs-acb", lambda h: sgd_chain(h, sgs_optax.sgs("acb"))),
@@ -80,9 +119,17 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("acb-branched", sgd_chain, conv="acb"),
     Method("repvgg-branched", sgd_chain, conv="repvgg"),
     Method("adamw", adamw, family="adamw"),
-    Method("adamw+sgs", lambda h: optax.chain(adamw(h), sgs_optax.sgs("acb")),
+    Method("adamw+sgs", lambda h: adamw_chain(h, sgs_optax.sgs("acb")),
            family="adamw"),
+    # The learned matrices after Adam, read as is or square-rooted.
+    Method("adamw+sgs-learned", lambda h: adamw_chain(h, sgs_optax.sgs()),
+           learned=True, family="adamw", default=False),
+    Method("adamw+sgs-learned-sqrt",
+           lambda h: adamw_chain(h, square_root_of(sgs_optax.sgs())),
+           learned=True, family="adamw", default=False),
 ]}
+
+DEFAULT_METHODS = [name for name, m in METHODS.items() if m.default]
 
 
 def with_baselines(names: Sequence[str]) -> list[str]:

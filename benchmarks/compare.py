@@ -7,28 +7,42 @@ Run from the repository root::
   python -m benchmarks.compare --methods sgs-acb,cdg --seeds 5
   python -m benchmarks.compare --recipe cifar100-vgg11 --data-dir DIR
 
-Methods (``--methods``, comma separated, default all; the baselines they
-need, ``sgd`` or ``adamw``, are added when left out):
+Methods (``--methods``, comma separated or ``all``; by default all but the
+two ``adamw+sgs-learned`` ones; the baselines they need, ``sgd`` or
+``adamw``, are added when left out):
 
-==================  ==========================================================
-``sgd``             SGD, momentum 0.9, coupled weight decay, cosine schedule
-                    (``chain(add_decayed_weights(wd), sgd(lr, 0.9))``)
-``sgs-acb``         ``chain(sgs("acb"), add_decayed_weights, sgd)``
-``sgs-repvgg``      ``chain(sgs("repvgg"), add_decayed_weights, sgd)``
-``sgs-learned``     ``chain(sgs(None), ...)``, matrices refreshed from mutual
-                    information (``capture_conv_inputs`` + ``refresh_scalings``
-                    on ``--refresh-batches`` training batches) at epoch 0 and
-                    every ``--refresh-every`` epochs
-``cdg``             ``chain(cdg(), add_decayed_weights, sgd)``
-``cdg+sgs-learned`` ``chain(sgs(None), cdg(), add_decayed_weights, sgd)``
-``acb-branched``    the model built with ACB ``BranchedConv`` s, plain SGD,
-                    started from the plain model's weights (extra branches
-                    zero); evaluated after merging into the plain model
-``repvgg-branched`` the same with RepVGG (KxK + 1x1) branches
-``adamw``           ``optax.adamw`` with the cosine schedule (baseline of:)
-``adamw+sgs``       ``chain(adamw, sgs("acb"))``: SGS after Adam scales the
-                    update, a per-position learning rate
-==================  ==========================================================
+==========================  ==================================================
+``sgd``                     SGD, momentum 0.9, coupled weight decay, cosine
+                            schedule (``chain(add_decayed_weights(wd),
+                            sgd(lr, 0.9))``)
+``sgs-acb``                 ``chain(sgs("acb"), add_decayed_weights, sgd)``
+``sgs-repvgg``              ``chain(sgs("repvgg"), add_decayed_weights, sgd)``
+``sgs-learned``             ``chain(sgs(None), ...)``, matrices refreshed from
+                            mutual information (``capture_conv_inputs`` +
+                            ``refresh_scalings`` on ``--refresh-batches``
+                            training batches) at epoch 0 and every
+                            ``--refresh-every`` epochs
+``cdg``                     ``chain(cdg(), add_decayed_weights, sgd)``
+``cdg+sgs-learned``         ``chain(sgs(None), cdg(), add_decayed_weights,
+                            sgd)``
+``acb-branched``            the model built with ACB ``BranchedConv`` s, plain
+                            SGD, started from the plain model's weights (extra
+                            branches zero); evaluated after merging into the
+                            plain model
+``repvgg-branched``         the same with RepVGG (KxK + 1x1) branches
+``adamw``                   ``optax.adamw`` with the cosine schedule (baseline
+                            of:)
+``adamw+sgs``               ``chain(scale_by_adam, sgs("acb"),
+                            add_decayed_weights, scale_by_learning_rate)``:
+                            exactly AdamW on the ACB branched network (SGS
+                            after the direction, before the decoupled decay)
+``adamw+sgs-learned``       the same with ``sgs(None)`` refreshed as in
+                            ``sgs-learned``, the learned matrix applied as is
+``adamw+sgs-learned-sqrt``  the same, applying the learned matrix's
+                            elementwise square root (the per-tap
+                            reparameterization's multiplier after a
+                            scale-invariant direction)
+==========================  ==================================================
 
 Paired seeds: for a seed, every method starts from the same weights and sees
 the same batches and augmentation, so the per-seed difference to the baseline
@@ -119,8 +133,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                  help="number of final seeds (0..N-1); default 3 (1 with "
                  "--tiny)")
   p.add_argument("--methods", default=None,
-                 help=f"comma list of {', '.join(METHODS)}; default: all "
-                 "(a recipe: sgd,sgs-learned)")
+                 help=f"comma list of {', '.join(METHODS)}, or all; "
+                 f"default: {', '.join(_methods.DEFAULT_METHODS)} (a "
+                 "recipe: sgd,sgs-learned)")
   p.add_argument("--lr", type=float, default=None,
                  help="SGD-family peak learning rate (the tuning grid's "
                  "centre); default 0.1 * batch_size / 128")
@@ -281,7 +296,9 @@ def _fill_defaults(args: argparse.Namespace) -> None:
 
 
 def _parse_methods(args: argparse.Namespace) -> None:
-  if args.methods in (None, "all"):
+  if args.methods is None:
+    names = list(_methods.DEFAULT_METHODS)
+  elif args.methods == "all":
     names = list(METHODS)
   else:
     names = [m.strip() for m in args.methods.split(",") if m.strip()]

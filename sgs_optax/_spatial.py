@@ -573,14 +573,18 @@ def spatial_gradient_scaling(
   merged conv is *exactly* SGD on the branched conv (plain, heavy-ball or
   Nesterov momentum, coupled L2 weight decay), without paying for the branches.
 
-  Placement: for SGD-family optimizers put it first, before weight decay and
-  momentum, as in the paper:
+  Placement (exact for branched networks, see the placement guide): for
+  SGD-family optimizers put it first, before weight decay and momentum, as in
+  the paper, with ``S = branch_scaling(..., power=2)``:
   ``optax.chain(sgs("acb"), optax.add_decayed_weights(5e-4),
-  optax.sgd(0.1, momentum=0.9))``. Adam-family optimizers divide a constant
-  per-coordinate gradient scale out again (``m / sqrt(v)``), so ``sgs`` before
-  Adam does almost nothing; put it *after* the optimizer, where it scales the
-  update (a per-position learning rate):
-  ``optax.chain(optax.adamw(1e-3), sgs("acb"))``.
+  optax.sgd(0.1, momentum=0.9))``. Scale-invariant optimizers (Adam, AdamW,
+  RMSProp, Adagrad, Lion, sign descent) divide a gradient scale out again, so
+  there it goes *after* the direction and before decoupled weight decay and
+  the learning rate, with ``S1 = branch_scaling(..., power=1)`` (the presets
+  have unit scales and serve both):
+  ``optax.chain(optax.scale_by_adam(), sgs("acb"),
+  optax.add_decayed_weights(1e-2), optax.scale_by_learning_rate(1e-3))``
+  for AdamW.
 
   Args:
     scaling: what to multiply by.

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import sgs_optax
+from benchmarks import _methods
 from benchmarks import _models
 from benchmarks import _train
 from benchmarks import compare
@@ -19,8 +20,8 @@ from benchmarks import compare
 def test_tiny_run_of_every_method(tmp_path):
   """One run checked from every side (one test: the run is the cost)."""
   out, png = tmp_path / "results.json", tmp_path / "results.png"
-  results = compare.main(
-      ["--tiny", "--seeds", "2", "--out", str(out), "--plot", str(png)])
+  results = compare.main(["--tiny", "--seeds", "2", "--methods", "all",
+                          "--out", str(out), "--plot", str(png)])
   _check_written(results, out, png)
   _check_every_method(results)
   _check_lr_and_paired_differences(results)
@@ -76,7 +77,7 @@ def _check_lr_and_paired_differences(results):
       continue
     diff = record["paired_difference"]
     assert diff["baseline"] == (
-        "adamw" if record["method"] == "adamw+sgs" else "sgd")
+        "adamw" if record["method"].startswith("adamw+sgs") else "sgd")
     base = by_name[diff["baseline"]]
     # Recomputed here from the runs: seed by seed, in percentage points.
     expected = [100 * (a["final_test_accuracy"] - b["final_test_accuracy"])
@@ -262,7 +263,12 @@ def test_merged_param_tree_is_the_plain_models(name, preset):
 def test_parse_args_defaults():
   args = compare.parse_args([])
   assert args.dataset == "digits" and args.model == "small_vgg"
-  assert args.seeds == 3 and args.methods == list(compare.METHODS)
+  assert args.seeds == 3 and args.methods == _methods.DEFAULT_METHODS
+  # The learned matrices after Adam are measured on request only.
+  assert "adamw+sgs-learned" in compare.METHODS
+  assert "adamw+sgs-learned" not in args.methods
+  assert compare.parse_args(["--methods", "all"]).methods == list(
+      compare.METHODS)
   assert args.epochs == compare.DEFAULT_EPOCHS["digits"]
   assert args.lr == pytest.approx(0.1 * args.batch_size / 128)
   assert args.tune is True and args.augment is False  # tuned on digits.
@@ -318,11 +324,15 @@ def _reference_chain(name, lr, total, hyper):
   sgd = [optax.add_decayed_weights(hyper.weight_decay),
          optax.sgd(cosine, momentum=hyper.momentum)]
   adamw = optax.adamw(cosine, weight_decay=hyper.adamw_weight_decay)
+  adamw_sgs = optax.chain(  # docs/placement.md's AdamW line.
+      optax.scale_by_adam(), sgs_optax.sgs("acb"),
+      optax.add_decayed_weights(hyper.adamw_weight_decay),
+      optax.scale_by_learning_rate(cosine))
   return {"sgd": optax.chain(*sgd),
           "sgs-acb": optax.chain(sgs_optax.sgs("acb"), *sgd),
           "cdg": optax.chain(sgs_optax.cdg(), *sgd),
           "adamw": adamw,
-          "adamw+sgs": optax.chain(adamw, sgs_optax.sgs("acb"))}[name]
+          "adamw+sgs": adamw_sgs}[name]
 
 
 @pytest.mark.parametrize("name", ["sgd", "sgs-acb", "cdg", "adamw",
@@ -344,6 +354,22 @@ def test_unit_lr_update_times_schedule_is_the_optax_update(name):
                              jnp.int32(step))
     jax.tree.map(lambda g, w, c=scale: np.testing.assert_allclose(
         c * g, w, rtol=2e-5, atol=1e-7), got, want)
+
+
+def test_square_root_reading_scales_by_sqrt_and_keeps_the_matrix():
+  matrix = np.array([[0.25, 1.0, 0.25], [1.0, 4.0, 1.0], [0.25, 1.0, 0.25]])
+  params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.ones(4)}}
+  grads = jax.tree.map(lambda p: p * 3.0, params)
+  tx = _methods.square_root_of(sgs_optax.sgs(matrix))
+  state = tx.init(params)
+  updates, new_state = tx.update(grads, state, params)
+  np.testing.assert_allclose(  # sqrt by hand: 0.5, 1, 2.
+      updates["conv"]["kernel"][:, :, 0, 0],
+      3.0 * np.array([[0.5, 1, 0.5], [1, 2, 1], [0.5, 1, 0.5]]), rtol=1e-6)
+  np.testing.assert_array_equal(updates["conv"]["bias"], grads["conv"]["bias"])
+  # The state is sgs's own, matrix unrooted: refresh_scalings writes there.
+  np.testing.assert_allclose(
+      sgs_optax.get_scalings(new_state)["conv"]["kernel"], matrix)
 
 
 def test_batches_are_gathered_augmented_and_normalised_on_device():

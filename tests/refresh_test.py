@@ -100,7 +100,9 @@ def test_learned_kernel_without_captured_input_raises():
 
 def test_constant_states_are_never_refreshed():
   _, params, _, captured = setup()
-  tx = optax.chain(sgs_optax.cdg(), optax.adamw(1e-3), sgs_optax.sgs("acb"))
+  tx = optax.chain(sgs_optax.cdg(), optax.scale_by_adam(),
+                   sgs_optax.sgs("acb"), optax.add_decayed_weights(1e-2),
+                   optax.scale_by_learning_rate(1e-3))
   with pytest.raises(ValueError, match="no learned SGS state"):
     sgs_optax.refresh_scalings(tx.init(params), captured)
 

@@ -52,9 +52,10 @@ def chains():
       "cdg+sgs-learned": optax.chain(sgs_optax.cdg(), sgs_optax.sgs(),
                                      *wd_sgd),
       "masked-array+adamw": optax.chain(
-          optax.adamw(1e-3),
+          optax.scale_by_adam(),
           sgs_optax.sgs(GIVEN, mask=lambda p: jax.tree.map(
-              lambda x: x.ndim == 4, p))),
+              lambda x: x.ndim == 4, p)),
+          optax.add_decayed_weights(1e-2), optax.scale_by_learning_rate(1e-3)),
   }
 
 

@@ -418,7 +418,7 @@ def test_state_is_stable_under_lax_cond():
   jax.lax.cond(True, lambda: state, lambda: new_state)
 
 
-def test_before_adam_is_nearly_a_no_op_and_after_adam_scales_the_update():
+def test_before_adam_is_nearly_a_no_op_and_after_it_scales_the_direction():
   params = make_params()
   # Ten steps of different gradients: Adam's update is then far from the
   # sign(g) of its first step, so a scale that survived would show.
@@ -434,12 +434,19 @@ def test_before_adam_is_nearly_a_no_op_and_after_adam_scales_the_update():
   adam = optax.adam(1e-2)
   plain = last_update(adam)
   before = last_update(optax.chain(sgs_optax.sgs("acb"), adam))
-  after = last_update(optax.chain(adam, sgs_optax.sgs("acb")))
   assert np.std(np.abs(plain)) > 0.2 * np.mean(np.abs(plain))  # not sign(g).
   # Adam divides the constant per-position scale out: the same update.
   np.testing.assert_allclose(before, plain, rtol=1e-4)
-  # After Adam it is a per-position learning rate: exactly S * update.
-  np.testing.assert_allclose(after, plain * ACB3[:, :, None, None], rtol=1e-6)
+  # The exact AdamW placement: after the direction, before the decoupled
+  # decay and the learning rate. It scales the direction, not the decay.
+  lr, wd = 1e-2, 0.1
+  direction = last_update(optax.scale_by_adam())
+  after = last_update(optax.chain(
+      optax.scale_by_adam(), sgs_optax.sgs("acb"),
+      optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr)))
+  want = -lr * (direction * ACB3[:, :, None, None]
+                + wd * params["stem"]["kernel"])
+  np.testing.assert_allclose(after, want, rtol=1e-6, atol=1e-9)
   # With SGD the same placement before the optimizer does matter.
   sgd = optax.sgd(1e-2, momentum=0.9)
   np.testing.assert_allclose(
