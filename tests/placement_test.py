@@ -96,9 +96,12 @@ FAMILIES = {
     "lion": after_direction(optax.scale_by_lion,
                             lambda: optax.lion(LR, weight_decay=WD),
                             decay=WD),
-    "sign": after_direction(optax.scale_by_sign, lambda: optax.sign_sgd(LR)),
+    # optax.sign_sgd and optax.signum spelled out (recent optax aliases).
+    "sign": after_direction(optax.scale_by_sign, lambda: optax.chain(
+        optax.scale_by_sign(), optax.scale_by_learning_rate(LR))),
     "signum": lambda scaled: (
-        optax.signum(LR),
+        optax.chain(optax.ema(0.9, debias=False), optax.scale_by_sign(),
+                    optax.scale_by_learning_rate(LR)),
         optax.chain(optax.ema(0.9, debias=False), optax.scale_by_sign(),
                     scaled(1), optax.scale_by_learning_rate(LR))),
 }
