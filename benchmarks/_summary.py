@@ -42,7 +42,8 @@ def _notes(r: dict[str, Any]) -> str:
 def format_table(records: Sequence[dict[str, Any]], seeds: int,
                  tuned: bool) -> str:
   """The comparison table: accuracy, paired difference and verdict."""
-  header = (f"{'method':<16} {'lr':>8} {'test acc (%)':>14} "
+  width = max([16] + [len(r["method"]) for r in records])
+  header = (f"{'method':<{width}} {'lr':>8} {'test acc (%)':>14} "
             f"{'paired diff (pp) [95% CI]':>34} {'verdict':<13} "
             f"{'s/epoch':>7} {'compile s':>9}  notes")
   lines = [header, "-" * len(header)]
@@ -51,7 +52,7 @@ def format_table(records: Sequence[dict[str, Any]], seeds: int,
            f"{100 * r['final_test_accuracy_std']:4.2f}")
     diff, verdict = _difference_cell(r)
     lines.append(
-        f"{r['method']:<16} {r['lr']:>8.3g} {acc:>14} {diff:>34} "
+        f"{r['method']:<{width}} {r['lr']:>8.3g} {acc:>14} {diff:>34} "
         f"{verdict:<13} {r['epoch_time_s_median']:7.3f} "
         f"{r['train_step_compile_s'] + r['refresh_compile_s']:9.1f}  "
         + _notes(r))
