@@ -143,13 +143,40 @@ def _has_conv(jaxpr) -> bool:
       _has_conv(sub) for sub in _sub_jaxprs(eqn.params)) for eqn in jaxpr.eqns)
 
 
+def _bodies(eqn, inprovs) -> list[tuple[Any, list[Any], list[Provenance]]]:
+  """The bodies of a primitive the walk does not follow, each with the
+  provenance of its inputs."""
+  p = eqn.params
+  if eqn.primitive.name == "cond":
+    return [(*_body(b), inprovs[1:]) for b in p["branches"]]
+  if eqn.primitive.name == "while":
+    n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
+    carry = [_provenance.carried(q) for q in inprovs[n_cond + n_body:]]
+    return [(*_body(p["cond_jaxpr"]), [*inprovs[:n_cond], *carry]),
+            (*_body(p["body_jaxpr"]),
+             [*inprovs[n_cond:n_cond + n_body], *carry])]
+  # Others (shard_map, ...): the body takes the operands as they are.
+  return [(*_body(sub), list(inprovs)) for sub in _sub_jaxprs(p)
+          if len(_body(sub)[0].invars) == len(inprovs)]
+
+
 def _note_unfollowed(eqn, inprovs, calls: list[_Call]) -> None:
-  """Params leaves entering a body the walk does not follow (``cond``,
-  ``while_loop``, ``shard_map`` ...) that holds a conv get no record."""
-  leaves = frozenset().union(*(p.leaves for p in inprovs))
-  if leaves and any(_has_conv(sub) for sub in _sub_jaxprs(eqn.params)):
-    calls += _unrecorded(leaves, f"it enters a {eqn.primitive.name} body "
-                         "holding a conv, which the walk does not follow")
+  """Params leaves that are conv kernels inside a body the walk does not
+  follow (``cond``, ``while_loop``, ``shard_map`` ...) get no record; a
+  dry run on types finds them."""
+  if not any(p.leaves for p in inprovs) or not any(
+      _has_conv(sub) for sub in _sub_jaxprs(eqn.params)):
+    return
+  inside: list[_Call] = []
+  for jaxpr, consts, provs in _bodies(eqn, inprovs):
+    args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
+            for v in jaxpr.invars]
+    jax.eval_shape(lambda *a, j=jaxpr, c=consts, q=provs: _run(
+        j, c, a, q, inside)[0], *args)
+  leaves = {call.leaf for call in inside}
+  calls += _unrecorded(leaves, f"it is the kernel of a conv inside a "
+                       f"{eqn.primitive.name} body, which the walk does not "
+                       "follow")
 
 
 def _eval(eqn, invals, inprovs, calls: list[_Call]):
@@ -361,11 +388,14 @@ def _linen(entry, model, variables, /, *args, **kwargs):
         f"applied with, not the params alone; got {found}."
     )
 
-  def fn(params, *a, **kw):
-    return model.apply({**variables, "params": params}, *a, mutable=True,
-                       **kw)
+  # The other collections (e.g. batch statistics) are traced inputs too,
+  # so that conv_layouts takes abstract ones.
+  rest = {k: v for k, v in variables.items() if k != "params"}
 
-  return fn, variables["params"], args, kwargs
+  def fn(params, others, *a, **kw):
+    return model.apply({**others, "params": params}, *a, mutable=True, **kw)
+
+  return fn, variables["params"], (rest, *args), kwargs
 
 
 def _nnx(entry, model, /, *args, **kwargs):

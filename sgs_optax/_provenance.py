@@ -15,6 +15,10 @@ operands agree (casts, arithmetic with constants or with reductions of the
 same leaf, as weight standardisation does, ``rev``). Anything else, a
 reshape that merges or splits axes included, makes them unknown.
 
+A primitive that keeps its operand's shape while mixing its axes would get
+wrong axes here: the known ones (``dot_general``, ``gather`` ...) are listed
+in ``_MIXING`` and give unknown axes.
+
 Examples:
   >>> import jax, jax.numpy as jnp
   >>> from sgs_optax import _provenance
@@ -128,15 +132,19 @@ def _structural(name: str, params: dict[str, Any], in_shape, out_shape,
 
 
 def _same_shape(operands, out_shape) -> Axes | None:
-  """Axes through a primitive whose leaf operands have the output's shape
-  (rank-0 ones aside): each axis keeps the leaf axis its operands agree on."""
+  """Axes through an elementwise-like primitive: each axis keeps the leaf
+  axis its operands agree on. Operands have the output's rank (size-1 axes
+  broadcast, as lax's binary operations allow) or rank 0."""
   known = []
   for shape, axes in operands:
     if not shape:
       continue
-    if tuple(shape) != tuple(out_shape) or axes is None:
+    if (len(shape) != len(out_shape) or axes is None
+        or any(s not in (o, 1) for s, o in zip(shape, out_shape))):
       return None
-    known.append(axes)
+    # A broadcast size-1 axis runs along no leaf axis of the output.
+    known.append([a if s == o else None
+                  for a, s, o in zip(axes, shape, out_shape)])
   out = []
   for i in range(len(out_shape)):
     entries = {axes[i] for axes in known} - {None}
