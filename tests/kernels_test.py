@@ -136,22 +136,6 @@ def test_plausibility_rule_flags_mislabelled_kernels(shape, layout, other):
   assert _kernels.more_plausible_layout(shape, layout) == other
 
 
-def reading_by_hand(shape, layout):
-  """How `layout` reads `shape`: spatial sizes, I, O (dict lookups)."""
-  sizes = dict(zip(layout, shape))
-  return ([sizes[c] for c in layout if c in "DHW"], sizes["I"], sizes["O"])
-
-
-@pytest.mark.parametrize("shape, layout, other", IMPLAUSIBLE)
-def test_plausibility_rule_as_documented(shape, layout, other):
-  """The rule, restated from the docstring with the letters by hand."""
-  spatial, _, _ = reading_by_hand(shape, layout)
-  alternative, _, _ = reading_by_hand(shape, other.replace("L", "l"))
-  k = alternative[0]
-  assert len(set(alternative)) == 1 and k % 2 == 1 and k >= 3
-  assert any(s % 2 == 0 and s > 2 * k for s in spatial)
-
-
 def test_case1_sgs_and_cdg_reject_a_layout_string_that_misreads_a_kernel():
   import jax
   import sgs_optax
