@@ -212,6 +212,15 @@ def _checked(name: str, x: Any, layout: Any) -> Layout | None:
   return layout
 
 
+def _is_layout_function(spec: Any) -> bool:
+  """A callable spec, as opposed to a layout tree that happens to be
+  callable (an Equinox module holding layout strings, from conv_layouts)."""
+  if not callable(spec):
+    return False
+  leaves = jax.tree.leaves(spec, is_leaf=is_layout_leaf)
+  return not (leaves and all(is_layout_leaf(x) for x in leaves))
+
+
 def resolve_layouts(
     tree: Any,
     kernel_layout: KernelLayoutSpec = "HWIO",
@@ -247,7 +256,8 @@ def resolve_layouts(
   if isinstance(kernel_layout, str):
     return jax.tree.map(_from_rank(kernel_layout, include_dense), tree,
                         is_leaf=_is_masked)
-  layouts = kernel_layout(tree) if callable(kernel_layout) else kernel_layout
+  layouts = (kernel_layout(tree) if _is_layout_function(kernel_layout)
+             else kernel_layout)
   try:
     # `tree` first: each of its leaves (or MaskedNodes) meets one entry of
     # the layout tree, where `None` is an empty subtree.

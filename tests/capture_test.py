@@ -437,6 +437,21 @@ def test_conv_layouts_of_nnx_equinox_and_nd_models():
   assert (got.first.weight, got.second.weight, got.first.bias) == (
       "OIHW", "OIHW", None)
   assert got == layouts_without_warning(eqx_model, jnp.ones((3, 8, 8)))
+  # The tree is an Equinox module, hence callable: still a layout tree.
+  params = eqx.filter(eqx_model, eqx.is_array)
+  tx = sgs_optax.sgs("acb", kernel_layout=got)
+  updates, _ = tx.update(params, tx.init(params))
+  np.testing.assert_allclose(updates.first.weight,
+                             params.first.weight * acb_matrix(3), rtol=1e-6)
+  np.testing.assert_array_equal(updates.first.bias, params.first.bias)
+  nnx_params = nnx.as_pure(nnx.state(nnx_model, nnx.Param))
+  tx = sgs_optax.cdg(kernel_layout=layouts_without_warning(
+      nnx_model, jnp.ones((2, 8, 8, 3))))
+  updates, _ = tx.update(nnx_params, tx.init(nnx_params))
+  np.testing.assert_allclose(
+      updates["stem"]["kernel"],
+      sobolev_dense(nnx_params["stem"]["kernel"], 3, 1.0), rtol=1e-5,
+      atol=1e-7)
   seq, vol = jnp.ones((2, 16, 3)), jnp.ones((2, 6, 5, 4, 2))
   params = NDNet().init(jax.random.key(2), seq, vol)["params"]
   got = layouts_without_warning(NDNet(), {"params": params}, seq, vol)

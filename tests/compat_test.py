@@ -390,3 +390,38 @@ def test_case6_abstract_restore_of_every_chain_with_the_mapping_form():
   with pytest.raises(ValueError,
                      match=r"(?s)pytree structure error.*\.scalings"):
     restore_abstractly(chains["sgs"], params, lambda t, s: s)
+
+
+def test_case6_the_sharding_howtos_restore_block_runs_and_restores():
+  """The how-to's code, as written, then the orbax restore it prepares."""
+  import pathlib
+  import re
+  import tempfile
+
+  import orbax.checkpoint as ocp
+
+  howto = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "howto" /
+           "sharded.md").read_text()
+  section = howto.split("## Restoring a checkpoint", 1)[1]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  namespace = {}
+  exec(compile(code, "sharded.md", "exec"), namespace)  # pylint: disable=exec-used
+  tx, params, target = (namespace[k] for k in ("tx", "params", "target"))
+  state = tx.init(params)
+  with tempfile.TemporaryDirectory() as directory:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory + "/state", state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(directory + "/state", target)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  assert isinstance(restored[1].scalings, sgs_optax.ScalingTable)
+  # The error the how-to quotes is the one-sharding form's.
+  replicated = namespace["replicated"]
+  one = optax.tree_utils.tree_map_params(
+      tx.init, lambda _: replicated, namespace["abstract_state"],
+      transform_non_params=lambda _: replicated)
+  quoted = re.search(r"    (ValueError: .*?)\n\n", section, re.S).group(1)
+  with pytest.raises(ValueError) as raised:
+    jax.tree.map(lambda a, s: a, namespace["abstract_state"], one)
+  assert "ValueError: " + str(raised.value) == re.sub(
+      r"\n    ", "\n", quoted)
