@@ -190,8 +190,8 @@ def _eval(eqn, invals, inprovs, calls: list[_Call]):
   if name == "scan":
     body, consts = _body(eqn.params["jaxpr"])
     n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
-    body_provs = [*inprovs[:n_consts],
-                  *map(_provenance.carried, inprovs[n_consts:n_consts + n_carry]),
+    carry = inprovs[n_consts:n_consts + n_carry]
+    body_provs = [*inprovs[:n_consts], *map(_provenance.carried, carry),
                   *map(_provenance.sliced, inprovs[n_consts + n_carry:])]
     if _has_kernel_convs(body, consts, body_provs):
       return _scan(eqn, invals, body_provs, calls)

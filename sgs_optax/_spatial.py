@@ -716,8 +716,10 @@ def spatial_gradient_scaling(
       * a pytree with the structure of the params holding such an array or
         ``None`` at each leaf.
 
-      Matrices are read once, at init. Under ``optax.inject_hyperparams``
-      pass ``static_args=("scaling",)``; a traced ``scaling`` raises.
+      Matrices are read at init; constant arrays are read again at every
+      eager update, so that an eager change under
+      ``optax.inject_hyperparams`` applies. Under ``jit`` pass
+      ``static_args=("scaling",)``; a traced ``scaling`` raises.
     learn: whether :func:`sgs_optax.refresh_scalings` replaces the matrices
       with ones learned from data. Defaults to ``scaling is None``;
       ``sgs("acb", learn=True)`` starts from ACB and is refreshed. The
@@ -728,7 +730,10 @@ def spatial_gradient_scaling(
       layers), or a params-shaped pytree (or callable ``params -> pytree``)
       of layout strings and ``None`` per leaf, e.g. for transposed convs
       (``"HWOI"``) or models mixing ranks. A string applies to every leaf of
-      its rank.
+      its rank, and a leaf it reads far less plausibly than the other
+      standard arrangement raises (see :func:`sgs_optax.conv_layouts`, which
+      reads each kernel's layout from the model, and the "Kernel layouts"
+      how-to).
     mask: optional optax-style mask (a pytree of booleans, possibly a prefix
       of the params, or a callable returning one); the transform is then
       ``optax.masked(..., mask)`` and leaves where it is False are never
@@ -751,8 +756,9 @@ def spatial_gradient_scaling(
       selected kernel, a matrix that does not fit its kernel or an array that
       fits kernels with different meanings, a ``scaling`` pytree that does
       not match the params, a matrix that is not an array, negative,
-      non-finite, or of mean 0 with ``normalize=True``, and (with
-      ``strict=True``) unscaled kernels.
+      non-finite, or of mean 0 with ``normalize=True``, a layout string that
+      misreads a leaf (e.g. a ``(32, 16, 3, 3)`` OIHW weight under
+      ``"HWIO"``), and (with ``strict=True``) unscaled kernels.
 
   Examples:
     >>> import jax.numpy as jnp, optax, sgs_optax

@@ -405,7 +405,8 @@ def test_case6_the_sharding_howtos_restore_block_runs_and_restores():
   section = howto.split("## Restoring a checkpoint", 1)[1]
   code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
   namespace = {}
-  exec(compile(code, "sharded.md", "exec"), namespace)  # pylint: disable=exec-used
+  exec(compile(code, "sharded.md", "exec"),  # pylint: disable=exec-used
+       namespace)
   tx, params, target = (namespace[k] for k in ("tx", "params", "target"))
   state = tx.init(params)
   with tempfile.TemporaryDirectory() as directory:
