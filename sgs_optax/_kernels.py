@@ -289,7 +289,8 @@ def check_selects_a_leaf(transform: str, tree: Any, layouts: LayoutTree,
       f"{len(leaves)} parameter leaves left by any mask (their ranks: "
       f"{ranks}), so it would do nothing. Pass the layout of your conv kernels: e.g. 'OIHW' for "
       "Equinox or PyTorch-style weights, 'WIO' for 1-D convs, 'DHWIO' for "
-      "3-D convs, 'LHWIO' for layers stacked by a scan, or a per-leaf tree. "
+      "3-D convs, 'LHWIO' for layers stacked by a scan, or a per-leaf tree "
+      "(sgs_optax.conv_layouts(model, ...) reads one from the model). "
       "Flattened params (optax.flatten) hold no kernel."
   )
 
@@ -341,6 +342,8 @@ def matrix_from_conv_order(matrix: jax.Array, layout: Layout,
     :func:`broadcast_to_kernel` reads them.
   """
   order = parse_layout(layout).conv_order
+  if list(order) == sorted(order):
+    return matrix  # Stored in the conv's order already.
   inverse = [lead + int(i) for i in np.argsort(order)]
   rest = range(lead + len(order), np.ndim(matrix))
   return jnp.transpose(matrix, (*range(lead), *inverse, *rest))
