@@ -2,8 +2,10 @@
 
 Run: python -m examples.equinox_training [--epochs 8] [--tiny]
 
-Equinox convs store PyTorch-style ``(C_out, C_in, kh, kw)`` weights, so both
-transforms get ``kernel_layout="OIHW"``. The optimizer works on
+Equinox convs store PyTorch-style ``(C_out, C_in, kh, kw)`` weights:
+``sgs_optax.conv_layouts`` reads that from the model (``"OIHW"`` for each conv
+weight, ``None`` for the biases and the linear head), and both transforms get
+that tree as ``kernel_layout``. The optimizer works on
 ``eqx.filter(model, eqx.is_array)``; the conv inputs are captured with the
 plain-function form of ``capture_conv_inputs`` (the model is called per
 example, so the function vmaps it), keyed like that same filtered model.
@@ -52,12 +54,13 @@ def batched(model: CNN, x: jax.Array) -> jax.Array:
   return jax.vmap(model)(x)
 
 
-def make_tx(method: str, lr: float) -> optax.GradientTransformation:
+def make_tx(method: str, lr: float,
+            layouts: object) -> optax.GradientTransformation:
   sgd = (optax.add_decayed_weights(5e-4), optax.sgd(lr, momentum=0.9))
   if method == "sgd":
     return optax.chain(*sgd)
-  return optax.chain(sgs_optax.cdg(kernel_layout="OIHW"),
-                     sgs_optax.sgs(kernel_layout="OIHW"), *sgd)
+  return optax.chain(sgs_optax.cdg(kernel_layout=layouts),
+                     sgs_optax.sgs(kernel_layout=layouts), *sgd)
 
 
 def train(method: str, split: data.Split, *, epochs: int, batch_size: int,
@@ -65,7 +68,10 @@ def train(method: str, split: data.Split, *, epochs: int, batch_size: int,
   """Trains one model; returns its test accuracy and optimizer state."""
   model = CNN(jax.random.key(seed))
   params, static = eqx.partition(model, eqx.is_array)
-  tx = make_tx(method, 0.05)
+  # Traced on one abstract image: each conv weight's layout, from the model.
+  layouts = sgs_optax.conv_layouts(model, jax.ShapeDtypeStruct((1, 8, 8),
+                                                               jnp.float32))
+  tx = make_tx(method, 0.05, layouts)
   opt_state = tx.init(params)
 
   @jax.jit

@@ -13,6 +13,7 @@ from sgs_optax._branches import branch_scaling
 from sgs_optax._branches import merge_branches
 from sgs_optax._branches import preset_branches
 from sgs_optax._capture import capture_conv_inputs
+from sgs_optax._capture import conv_layouts
 from sgs_optax._channel import cdg
 from sgs_optax._channel import channel_directed_gradients
 from sgs_optax._dependence import dependence_to_scaling
@@ -39,6 +40,7 @@ __all__ = [
     "capture_conv_inputs",
     "cdg",
     "channel_directed_gradients",
+    "conv_layouts",
     "dependence_to_scaling",
     "get_scalings",
     "merge_branches",

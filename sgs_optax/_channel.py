@@ -46,6 +46,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sgs_optax._kernels import check_plausible
 from sgs_optax._kernels import check_selects_a_leaf
 from sgs_optax._kernels import KernelLayoutSpec
 from sgs_optax._kernels import Layout
@@ -466,6 +467,7 @@ def channel_directed_gradients(
       layouts = resolve_layouts(params, kernel_layout,
                                 include_dense=include_dense)
       check_selects_a_leaf("cdg", params, layouts, kernel_layout)
+      check_plausible("cdg", params, layouts, kernel_layout)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -473,6 +475,7 @@ def channel_directed_gradients(
     layouts = resolve_layouts(
         updates, kernel_layout, include_dense=include_dense
     )
+    check_plausible("cdg", updates, layouts, kernel_layout)
     leaf_fn = functools.partial(
         _transform_leaf, lam=lam, metric=metric, boundary=boundary
     )

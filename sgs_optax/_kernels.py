@@ -11,6 +11,15 @@ A *layout* is a string of axis letters, one per array dimension:
 * ``"L"``: a leading stack of layers (at most once, first), as ``nn.scan``
   or a ``jax.lax.scan`` over layers stores their kernels: ``"LHWIO"``.
 
+Spatial letters are names, not positions: the conv reads its spatial axes in
+the order ``D``, ``H``, ``W`` (its dimension numbers' order), whatever order
+the parameter stores them in. ``"WHIO"`` is a kernel stored ``(kw, kh, I,
+O)`` and transposed to ``(kh, kw, I, O)`` before the conv; it differs from
+``"HWIO"``. SGS matrices are stored in the parameter's order (shape
+``(kw, kh)`` for ``"WHIO"``); the refresh, which measures the conv's input,
+computes them in the conv's order and moves them by these letters
+(:func:`to_conv_order`, :func:`matrix_from_conv_order`).
+
 Flax and Haiku conv kernels are ``"HWIO"``; PyTorch-style and Equinox conv
 weights are ``"OIHW"``; Flax ``ConvTranspose(transpose_kernel=True)`` is
 ``"HWOI"``; PyTorch ``ConvTranspose2d`` weights are ``"IOHW"``; 1-D and 3-D
@@ -21,10 +30,14 @@ A *kernel layout spec*, as accepted by the public transforms, is one of:
 
 * a layout string: applied to every leaf whose rank equals its length (so the
   default ``"HWIO"`` selects every 4-D leaf); with ``include_dense=True`` the
-  string without its spatial letters is applied to every 2-D leaf;
+  string without its spatial letters is applied to every 2-D leaf. The
+  transforms check each leaf a string selects with :func:`check_plausible`;
 * a pytree with the structure of the params holding a layout string or
   ``None`` per leaf;
 * a callable ``params -> such a pytree``.
+
+A tree is an explicit statement and is not second-guessed;
+:func:`sgs_optax.conv_layouts` reads one from the model itself.
 
 Leaves that ``optax.masked`` or ``optax.partition`` replaced by
 ``optax.MaskedNode`` are never selected, whatever the spec says there.
@@ -46,23 +59,37 @@ Layout: TypeAlias = str
 LayoutTree: TypeAlias = Any  # a params-shaped pytree of `Layout | None`.
 KernelLayoutSpec: TypeAlias = Layout | LayoutTree | Callable[[Any], LayoutTree]
 
-_SPATIAL_LETTERS = "DHW"
+_SPATIAL_LETTERS = "DHW"  # also the order in which a conv reads them.
 
 
 class KernelAxes(NamedTuple):
   """Positions of a kernel's axes, parsed from a layout string.
 
+  Attributes:
+    spatial: the spatial axes in the parameter's order, e.g. ``(0, 1)`` for
+      both ``"HWIO"`` and ``"WHIO"``.
+    input: the input-channel axis.
+    output: the output-channel axis.
+    ndim: the number of axes.
+    stack: the ``"L"`` axis of stacked layers, if any.
+    conv_order: for each spatial axis of the conv, in ``D``, ``H``, ``W``
+      order, its index in ``spatial``: ``(0, 1)`` for ``"HWIO"``, ``(1, 0)``
+      for ``"WHIO"``.
+
   Examples:
     >>> from sgs_optax import parse_layout
     >>> parse_layout("LHWIO").stack, parse_layout("LHWIO").spatial
     (0, (1, 2))
+    >>> parse_layout("WHIO").conv_order
+    (1, 0)
   """
 
-  spatial: tuple[int, ...]  # in layout order, e.g. (0, 1) for "HWIO".
+  spatial: tuple[int, ...]
   input: int
   output: int
   ndim: int
-  stack: int | None = None  # the "L" axis of stacked layers, if any.
+  stack: int | None = None
+  conv_order: tuple[int, ...] = ()
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +110,8 @@ def parse_layout(layout: Layout) -> KernelAxes:
   Examples:
     >>> from sgs_optax import parse_layout
     >>> parse_layout("OIHW")
-    KernelAxes(spatial=(2, 3), input=1, output=0, ndim=4, stack=None)
+    KernelAxes(spatial=(2, 3), input=1, output=0, ndim=4, stack=None,
+               conv_order=(0, 1))
   """
   if not isinstance(layout, str):
     raise ValueError(
@@ -103,8 +131,11 @@ def parse_layout(layout: Layout) -> KernelAxes:
     )
   spatial = tuple(i for i, c in enumerate(layout) if c in _SPATIAL_LETTERS)
   stack = 0 if layout.startswith("L") else None
+  letters = [layout[a] for a in spatial]
+  conv_order = tuple(sorted(range(len(spatial)),
+                            key=lambda i: _SPATIAL_LETTERS.index(letters[i])))
   return KernelAxes(spatial, layout.index("I"), layout.index("O"),
-                    len(layout), stack)
+                    len(layout), stack, conv_order)
 
 
 def plain_arrays(tree: Any) -> Any:
@@ -181,6 +212,15 @@ def _checked(name: str, x: Any, layout: Any) -> Layout | None:
   return layout
 
 
+def _is_layout_function(spec: Any) -> bool:
+  """A callable spec, as opposed to a layout tree that happens to be
+  callable (an Equinox module holding layout strings, from conv_layouts)."""
+  if not callable(spec):
+    return False
+  leaves = jax.tree.leaves(spec, is_leaf=is_layout_leaf)
+  return not (leaves and all(is_layout_leaf(x) for x in leaves))
+
+
 def resolve_layouts(
     tree: Any,
     kernel_layout: KernelLayoutSpec = "HWIO",
@@ -216,7 +256,8 @@ def resolve_layouts(
   if isinstance(kernel_layout, str):
     return jax.tree.map(_from_rank(kernel_layout, include_dense), tree,
                         is_leaf=_is_masked)
-  layouts = kernel_layout(tree) if callable(kernel_layout) else kernel_layout
+  layouts = (kernel_layout(tree) if _is_layout_function(kernel_layout)
+             else kernel_layout)
   try:
     # `tree` first: each of its leaves (or MaskedNodes) meets one entry of
     # the layout tree, where `None` is an empty subtree.
@@ -248,7 +289,8 @@ def check_selects_a_leaf(transform: str, tree: Any, layouts: LayoutTree,
       f"{len(leaves)} parameter leaves left by any mask (their ranks: "
       f"{ranks}), so it would do nothing. Pass the layout of your conv kernels: e.g. 'OIHW' for "
       "Equinox or PyTorch-style weights, 'WIO' for 1-D convs, 'DHWIO' for "
-      "3-D convs, 'LHWIO' for layers stacked by a scan, or a per-leaf tree. "
+      "3-D convs, 'LHWIO' for layers stacked by a scan, or a per-leaf tree "
+      "(sgs_optax.conv_layouts(model, ...) reads one from the model). "
       "Flattened params (optax.flatten) hold no kernel."
   )
 
@@ -272,6 +314,146 @@ def layers(x: jax.Array, layout: Layout) -> int | None:
   """The number of stacked layers (the ``"L"`` axis), or None."""
   stack = parse_layout(layout).stack
   return None if stack is None else x.shape[stack]
+
+
+def to_conv_order(sizes: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+  """Per-spatial-axis values in the parameter's order, put in the conv's.
+
+  Examples:
+    >>> from sgs_optax import _kernels
+    >>> _kernels.to_conv_order((5, 3), "WHIO")  # stored (kw, kh): H is 3.
+    (3, 5)
+  """
+  return tuple(sizes[i] for i in parse_layout(layout).conv_order)
+
+
+def matrix_from_conv_order(matrix: jax.Array, layout: Layout,
+                           lead: int = 0) -> jax.Array:
+  """Moves a matrix's spatial axes from the conv's order to the parameter's.
+
+  Args:
+    matrix: ``lead`` leading axes (e.g. one per stacked layer), the spatial
+      axes in the conv's (``D``, ``H``, ``W``) order, then any other axes.
+    layout: the kernel's layout.
+    lead: how many leading axes stay in place.
+
+  Returns:
+    ``matrix`` with its spatial axes in the order ``layout`` stores them, as
+    :func:`broadcast_to_kernel` reads them.
+  """
+  order = parse_layout(layout).conv_order
+  if list(order) == sorted(order):
+    return matrix  # Stored in the conv's order already.
+  inverse = [lead + int(i) for i in np.argsort(order)]
+  rest = range(lead + len(order), np.ndim(matrix))
+  return jnp.transpose(matrix, (*range(lead), *inverse, *rest))
+
+
+def _other_arrangements(axes: KernelAxes) -> tuple[Layout, ...]:
+  """The standard layouts of the same rank that put the spatial axes
+  elsewhere: spatial first (Flax's ``"HWIO"``) or last (``"OIHW"``)."""
+  letters = _SPATIAL_LETTERS[len(_SPATIAL_LETTERS) - len(axes.spatial):]
+  lead = "" if axes.stack is None else "L"
+  return tuple(other for other in (lead + letters + "IO",
+                                   lead + "OI" + letters)
+               if parse_layout(other).spatial != axes.spatial)
+
+
+def more_plausible_layout(shape: tuple[int, ...],
+                          layout: Layout) -> Layout | None:
+  """A standard layout that reads ``shape`` far more plausibly, or None.
+
+  The rule of :func:`check_plausible`: ``layout`` reads some spatial size
+  that is even and more than twice ``k``, while the other standard
+  arrangement of the same rank (spatial axes first, as Flax's ``"HWIO"``, or
+  last, as PyTorch's ``"OIHW"``) reads a ``k x k`` (``k``, ``k x k x k``)
+  kernel with ``k`` odd and at least 3.
+
+  Examples:
+    >>> from sgs_optax import _kernels
+    >>> _kernels.more_plausible_layout((32, 16, 3, 3), "HWIO")
+    'OIHW'
+    >>> print(_kernels.more_plausible_layout((3, 3, 16, 32), "HWIO"))
+    None
+  """
+  axes = parse_layout(layout)
+  if not axes.spatial or len(shape) != axes.ndim:
+    return None
+  size = [shape[a] for a in axes.spatial]
+  for other in _other_arrangements(axes):
+    sizes = {shape[a] for a in parse_layout(other).spatial}
+    if len(sizes) != 1:
+      continue
+    (k,) = sizes
+    if k >= 3 and k % 2 and any(s % 2 == 0 and s > 2 * k for s in size):
+      return other
+  return None
+
+
+def _reading(shape: tuple[int, ...], layout: Layout) -> str:
+  axes = parse_layout(layout)
+  size = "x".join(str(shape[a]) for a in axes.spatial)
+  return (f"a {size} kernel with {shape[axes.input]} input and "
+          f"{shape[axes.output]} output channels")
+
+
+def check_plausible(transform: str, tree: Any, layouts: LayoutTree,
+                    kernel_layout: KernelLayoutSpec) -> None:
+  """Raises when a layout string selects a leaf that is far more plausibly
+  laid out otherwise: the one plausibility rule of ``sgs`` and ``cdg``.
+
+  Applied to every leaf that a layout *string* selects, at init and at
+  update. What it flags (see :func:`more_plausible_layout`): the string reads
+  some spatial size that is even and more than twice ``k``, while the other
+  standard arrangement reads a square odd ``k x k`` kernel, ``k >= 3``: a
+  ``(32, 16, 3, 3)`` or ``(32, 1, 3, 3)`` PyTorch/Equinox weight under
+  ``"HWIO"`` (a 32x16 "kernel" with 3 input and 3 output channels), a Flax
+  ``(3, 3, 16, 32)`` kernel under ``"OIHW"``, and their 1-D, 3-D and
+  stacked (``"L"``) forms. Real kernels read right never trip it: their
+  spatial sizes are odd, or small next to the channel counts (3x3, 1x1,
+  7x7 stems with 3 input channels, depthwise ``(3, 3, 1, C)``, 2x2 and 4x4
+  kernels, 16x16 patch embeddings). It would flag an even kernel larger than
+  twice an odd channel count equal on both sides, such as ``(8, 8, 3, 3)``.
+
+  What no rule can catch: a leaf that reads plausibly either way (``(3, 3,
+  5, 5)`` as HWIO or OIHW; kernels with even or odd channel counts too small
+  to tell), a 4-D leaf that is no conv kernel at all (a positional
+  embedding, a ``(3, 3, C, C)`` parameter used as a dense mixing), and a
+  kernel whose spatial axes are stored in another order (``"WHIO"``). For
+  those, :func:`sgs_optax.conv_layouts` reads each kernel's layout from the
+  model. Layout trees are explicit statements and are not checked.
+
+  Args:
+    transform: the transform's name, for the message.
+    tree: the params or updates.
+    layouts: their layouts, from :func:`resolve_layouts`.
+    kernel_layout: the spec the layouts were resolved from.
+
+  Raises:
+    ValueError: naming the leaf, both readings and the ways out.
+  """
+  if not isinstance(kernel_layout, str):
+    return
+
+  def check(name, layout, x):
+    if layout is None or _is_masked(x):
+      return
+    shape = tuple(np.shape(x))
+    other = more_plausible_layout(shape, layout)
+    if other is not None:
+      raise ValueError(
+          f"{transform}: kernel_layout {layout!r} reads {name!r} of shape "
+          f"{shape} as {_reading(shape, layout)}; it is far more plausibly "
+          f"{other!r}, {_reading(shape, other)}. Pass the layout of your "
+          "conv kernels (Equinox and PyTorch-style weights are 'OIHW', Flax "
+          "and Haiku kernels 'HWIO'), or kernel_layout=sgs_optax.conv_layouts("
+          "model, ...), which reads every kernel's layout from the model. "
+          "A layout tree is not checked: name this leaf's layout there if it "
+          f"really is {layout!r}, or leave the leaf out with None there or "
+          "with mask."
+      )
+
+  map_layouts(check, layouts, tree)
 
 
 def sgs_skip_reason(x: Any, layout: Layout | None) -> str | None:

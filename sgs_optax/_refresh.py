@@ -173,6 +173,62 @@ def _check_captured(records: dict[str, Any], tables) -> None:
       )
 
 
+def _size_mismatch(name: str, captured: tuple[int, ...],
+                   info: _spatial.KernelInfo) -> str:
+  """Why a captured kernel size differs from the state's, axis order named."""
+  axes = "".join(sorted((info.layout[a] for a in
+                         _kernels.parse_layout(info.layout).spatial),
+                        key="DHW".index))
+  message = (
+      f"Layer {name!r}: the conv reads a kernel of size {captured} (axes "
+      f"{', '.join(axes)}, in the conv's order), but kernel_layout "
+      f"{info.layout!r} reads the parameter's spatial sizes {info.size} as "
+      f"{', '.join(axes)} = {info.conv_size}."
+  )
+  if sorted(captured) != sorted(info.conv_size):
+    return message
+  return message + (
+      " The parameter stores its spatial axes in another order than the "
+      "layout says (e.g. 'WHIO' for a kernel stored (kw, kh, I, O) and "
+      "transposed before the conv): pass the layout that "
+      "sgs_optax.conv_layouts(model, ...) reads from the model.")
+
+
+def _kernel_rank(records: tuple[ConvInput, ...]) -> int | None:
+  """The rank of the kernel a conv's records come from (None if unknown)."""
+  record = records[0]
+  if record.kernel_size is None:
+    return None
+  n = len(record.kernel_size)
+  return n + 2 + (np.ndim(record.inputs) == n + 3)
+
+
+def _check_rank_skipped(records: dict[str, Any], tables) -> None:
+  """Raises for captured convs whose kernels a learned state's layout
+  string left out only because of their rank (e.g. stacked by nn.scan)."""
+  for table in tables:
+    missed = {name: _kernel_rank(records[name]) for name in table.rank_skipped
+              if name in records and all(
+                  min(r.kernel_size or (2,)) >= 2 for r in records[name])}
+    if not missed:
+      continue
+    layout = table.selected_by
+    stacked = [n for n, rank in missed.items() if rank == len(layout) + 1]
+    hint = (f"{'L' + layout!r} for the layers stacked by a scan "
+            f"({', '.join(stacked)})" if stacked and "L" not in layout
+            else "e.g. 'WIO' for 1-D, 'DHWIO' for 3-D convs")
+    raise ValueError(
+        f"refresh_scalings: the captured convs {sorted(missed)} have kernels "
+        f"of rank {sorted(set(missed.values()) - {None})}, which the learned "
+        f"sgs state's kernel_layout {layout!r} did not select (a layout "
+        f"string selects the leaves of its rank, {len(layout)}): they would "
+        f"never be scaled. Give them their layout in a layout tree ({hint}); "
+        "kernel_layout=sgs_optax.conv_layouts(model, ...) reads every "
+        "kernel's layout from the model. To leave them unscaled, say so: "
+        "None for them in a layout tree, or mask."
+    )
+
+
 def _check_record(name: str, record: ConvInput,
                   info: _spatial.KernelInfo) -> None:
   """Raises if a record cannot be the input of the kernel ``info`` describes."""
@@ -185,11 +241,8 @@ def _check_record(name: str, record: ConvInput,
         f"{' stacked over layers' if info.layers else ''}: expected rank "
         f"{rank}, channels last."
     )
-  if record.kernel_size is not None and record.kernel_size != info.size:
-    raise ValueError(
-        f"Layer {name!r}: captured kernel size {record.kernel_size} but the "
-        f"kernel in the SGS state has size {info.size}."
-    )
+  if record.kernel_size is not None and record.kernel_size != info.conv_size:
+    raise ValueError(_size_mismatch(name, record.kernel_size, info))
   if info.layers is not None and shape[0] != info.layers:
     raise ValueError(
         f"Layer {name!r}: {shape[0]} captured layers for a stack of "
@@ -224,24 +277,45 @@ def _dependence_of(records: Sequence[ConvInput], size, *, k,
   return total / weight
 
 
+def _holds_pixels(name: str, records: tuple[ConvInput, ...],
+                  info: _spatial.KernelInfo) -> bool:
+  """False for a kernel without input channels (it has no entries, so no
+  matrix can matter); raises for inputs without pixels."""
+  if info.in_channels == 0:
+    return False
+  for record in records:
+    if not np.prod(np.shape(record.inputs)[:-1], dtype=int):
+      raise ValueError(
+          f"Layer {name!r}: the captured inputs of shape "
+          f"{tuple(np.shape(record.inputs))} hold no pixels: capture from "
+          "a non-empty batch.")
+  return True
+
+
 def _new_matrix(name: str, matrix: jax.Array, info: _spatial.KernelInfo,
                 records: tuple[ConvInput, ...], **stats) -> jax.Array:
   for record in records:
     _check_record(name, record, info)
+  if not _holds_pixels(name, records, info):
+    return matrix
+  # Measured in the conv's axis order, stored in the parameter's.
+  size = info.conv_size
   try:
     if info.layers is None:
-      dependence = _dependence_of(records, info.size, **stats)
+      dependence = _dependence_of(records, size, **stats)
     else:
       # Mapped over the stack rather than unrolled: compile time does not
       # grow with the number of layers.
       dependence = jax.vmap(lambda stacks: _dependence_of(
           [dataclasses.replace(r, inputs=x) for r, x in zip(records, stacks)],
-          info.size, **stats))([r.inputs for r in records])
+          size, **stats))([r.inputs for r in records])
   except ValueError as e:
     raise ValueError(f"Layer {name!r}: {e}") from None
   # Mean 1 over the kernel's own spatial axes, of any rank: one matrix per
   # stacked layer.
-  new = _dependence.dependence_to_scaling(dependence, ndim=len(info.size))
+  new = _kernels.matrix_from_conv_order(
+      _dependence.dependence_to_scaling(dependence, ndim=len(size)),
+      info.layout, lead=int(info.layers is not None))
   if matrix.ndim > new.ndim:  # One matrix per output channel.
     new = jnp.broadcast_to(new[..., None], matrix.shape)
   # A NaN (e.g. every channel constant) keeps that layer's previous matrix.
@@ -279,7 +353,10 @@ def refresh_scalings(
   constant) keeps its previous matrix. 1-D, 2-D and 3-D kernels alike: the
   mean is taken over the kernel's own spatial axes. Per-channel
   ``(*size, C_out)`` matrices get the layer's matrix broadcast over
-  channels. Constant SGS
+  channels. Each matrix is measured in the conv's spatial order and stored
+  in the parameter's, by the letters of its layout (``"WHIO"``: measured
+  ``(kh, kw)``, stored ``(kw, kh)``). A kernel without input channels has no
+  entries and keeps its matrix. Constant SGS
   states (presets and given matrices without ``learn=True``) are left
   untouched. Shapes and dtypes never change, so a jitted train step does not
   recompile.
@@ -307,8 +384,14 @@ def refresh_scalings(
   Raises:
     ValueError: if there is no learned SGS state; a captured entry is not a
       :class:`ConvInput` or not a parameter of the model; a learned kernel
-      has no captured input; or a captured input's rank, kernel size,
-      number of layers or channel count does not fit its kernel.
+      has no captured input; a captured input's rank, kernel size (in the
+      conv's axis order), number of layers or channel count does not fit
+      its kernel, or it holds no pixels; or a captured conv's kernel was
+      left out by a learned state's layout string only because of its rank
+      (e.g. ``"HWIO"`` on an ``nn.scan`` model, whose kernels are
+      ``"LHWIO"``): pass a layout tree, e.g. from
+      :func:`sgs_optax.conv_layouts`, with ``None`` where a kernel is meant
+      to stay unscaled.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sgs_optax
@@ -330,6 +413,7 @@ def refresh_scalings(
   records = _captured_inputs(_kernels.plain_arrays(captured))
   learned = _learned_states(opt_state)
   _check_captured(records, [s.scalings for _, s in learned])
+  _check_rank_skipped(records, [s.scalings for _, s in learned])
   stats = dict(k=k, diagonal_removal=diagonal_removal)
   for path, state in learned:
     table = state.scalings

@@ -25,15 +25,23 @@ def _is_masked(x: Any) -> bool:
 class KernelInfo(NamedTuple):
   """What the refresh needs to know of a scaled kernel, beyond its matrix."""
 
-  size: tuple[int, ...]  # spatial sizes, in layout order.
+  size: tuple[int, ...]  # spatial sizes, in the parameter's order.
   in_channels: int  # per feature group, as stored in the kernel.
   layers: int | None  # the size of a stack ("L") axis, if any.
+  # The kernel's layout: the matrix's spatial axes are in the order it
+  # stores them (see `_kernels.to_conv_order`).
+  layout: str = ""
 
   @classmethod
   def of(cls, kernel: Any, layout: str) -> KernelInfo:
     return cls(_kernels.spatial_shape(kernel, layout),
                _kernels.input_channels(kernel, layout),
-               _kernels.layers(kernel, layout))
+               _kernels.layers(kernel, layout), layout)
+
+  @property
+  def conv_size(self) -> tuple[int, ...]:
+    """The spatial sizes in the order the conv reads them (D, H, W)."""
+    return _kernels.to_conv_order(self.size, self.layout)
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -56,7 +64,13 @@ class ScalingTable(Mapping):
     learned: whether :func:`sgs_optax.refresh_scalings` refreshes the
       matrices.
     kernels: a :class:`KernelInfo` per key (spatial size, input channels,
-      stacked layers), static.
+      stacked layers, layout), static.
+    selected_by: the layout string that selected the kernels, or None for
+      a layout tree or callable.
+    rank_skipped: the floating-point leaves of rank 3 or more that the
+      layout string did not select because of their rank (recorded for
+      learned tables: :func:`sgs_optax.refresh_scalings` raises if they
+      turn out to be convs).
 
   Examples:
     >>> import jax.numpy as jnp, sgs_optax
@@ -70,11 +84,15 @@ class ScalingTable(Mapping):
   """
 
   def __init__(self, matrices: Mapping[str, Any], structure: Any,
-               learned: bool, kernels: Mapping[str, KernelInfo]):
+               learned: bool, kernels: Mapping[str, KernelInfo], *,
+               selected_by: str | None = None,
+               rank_skipped: tuple[str, ...] = ()):
     self._matrices = dict(matrices)
     self.structure = structure
     self.learned = bool(learned)
     self.kernels = dict(kernels)
+    self.selected_by = selected_by
+    self.rank_skipped = tuple(rank_skipped)
     _register_with_flax()
 
   def __getitem__(self, name: str) -> Any:
@@ -94,7 +112,12 @@ class ScalingTable(Mapping):
     if set(matrices) != set(self._matrices):
       raise ValueError("replace() must give a matrix for every key.")
     return ScalingTable({k: matrices[k] for k in self._matrices},
-                        self.structure, self.learned, self.kernels)
+                        self.structure, self.learned, self.kernels,
+                        **self._selection)
+
+  @property
+  def _selection(self) -> dict[str, Any]:
+    return dict(selected_by=self.selected_by, rank_skipped=self.rank_skipped)
 
   @functools.cached_property
   def names(self) -> tuple[str, ...]:
@@ -112,7 +135,8 @@ class ScalingTable(Mapping):
   def _aux(self):
     keys = tuple(self._matrices)
     infos = tuple(self.kernels[k] for k in keys)
-    return keys, (keys, self.structure, self.learned, infos)
+    return keys, (keys, self.structure, self.learned, infos,
+                  self.selected_by, self.rank_skipped)
 
   def tree_flatten_with_keys(self):
     keys, aux = self._aux()
@@ -124,9 +148,10 @@ class ScalingTable(Mapping):
 
   @classmethod
   def tree_unflatten(cls, aux, children) -> ScalingTable:
-    keys, structure, learned, infos = aux
+    keys, structure, learned, infos, selected_by, rank_skipped = aux
     return cls(dict(zip(keys, children)), structure, learned,
-               dict(zip(keys, infos)))
+               dict(zip(keys, infos)), selected_by=selected_by,
+               rank_skipped=rank_skipped)
 
 
 def _table_to_state_dict(table: ScalingTable) -> dict[str, Any]:
@@ -454,6 +479,93 @@ def _check_something_scaled(spec: _Spec, matrices: dict,
   )
 
 
+def _table_entries(spec: _Spec, learned: bool, params: Any, layouts: Any):
+  """The matrices a spec gives ``params``, their kernels' facts, and why
+  selected kernels got none."""
+  given = _given_tree(spec, params, layouts)
+  matrices, kernels, skipped = {}, {}, {}
+
+  def add(name, layout, kernel, given_matrix):
+    matrix, reason = _starting_matrix(spec, name, kernel, layout,
+                                      given_matrix)
+    if matrix is None:
+      if reason is not None:
+        skipped[name] = reason
+      return
+    if name in kernels:
+      raise ValueError(
+          f"Two scaled kernels have the path name {name!r} (a key "
+          "holding '/' clashes with nested keys): rename one.")
+    kernels[name] = KernelInfo.of(kernel, layout)
+    if learned and any(s % 2 == 0 for s in kernels[name].size):
+      raise ValueError(
+          f"Learned SGS: {name} has the even kernel size "
+          f"{kernels[name].size}, which the dependence matrix (centred "
+          "on a tap) cannot fit: leave it out with kernel_layout or mask, "
+          "or use learn=False.")
+    matrices[name] = _as_state_matrix(name, matrix, kernel, layout,
+                                      spec.normalize)
+
+  _kernels.map_layouts(add, layouts, params, given)
+  return matrices, kernels, skipped
+
+
+def _rank_skipped(params: Any, layouts: Any,
+                  kernel_layout: _kernels.KernelLayoutSpec) -> tuple[str, ...]:
+  """Float leaves of rank 3 or more that a layout string left out for their
+  rank alone: conv kernels of another rank (1-D, 3-D, stacked by a scan)
+  look like this, and the refresh, which sees the convs, tells."""
+  if not isinstance(kernel_layout, str):
+    return ()
+  names = []
+
+  def note(name, layout, x):
+    if (layout is None and not _is_masked(x)
+        and np.ndim(x) not in (0, 1, 2, len(kernel_layout))
+        and jnp.issubdtype(jnp.result_type(x), jnp.floating)):
+      names.append(name)
+
+  _kernels.map_layouts(note, layouts, params)
+  return tuple(names)
+
+
+def _rereads(spec: _Spec, learned: bool, table: Any) -> bool:
+  """Whether this update reads constant matrices from the spec again.
+
+  ``optax.inject_hyperparams`` calls the factory with the state's current
+  hyperparameters at every update, so an array ``scaling`` changed there
+  reaches the spec: eagerly it must apply. Under ``jit`` the injected array
+  is traced and :func:`_validated_spec` raises, and a closed-over one is the
+  one the table was built from, so a traced table is left as it is (and
+  keeps its sharding). Learned matrices belong to the refresh; presets and
+  ``None`` cannot change.
+  """
+  return (not learned and isinstance(table, ScalingTable)
+          and not (spec.scaling is None or isinstance(spec.scaling, str))
+          and all(_is_concrete(m) for m in table.values()))
+
+
+def _reread(spec: _Spec, table: ScalingTable, updates: Any,
+            layouts: Any) -> ScalingTable:
+  """The table holding the spec's matrices now, in the table's dtypes and
+  shardings."""
+  matrices, _, _ = _table_entries(spec, False, updates, layouts)
+  if set(matrices) != set(table):
+    raise ValueError(
+        f"sgs: the scaling now gives matrices for {sorted(matrices)}, the "
+        f"state was initialised with matrices for {sorted(table)}: a new "
+        "scaling must fit the same kernels. Re-initialise the optimizer."
+    )
+
+  def like(new, old):
+    new = jnp.asarray(new, old.dtype)
+    sharding = getattr(old, "sharding", None)
+    return new if sharding is None else jax.device_put(new, sharding)
+
+  return table.replace({name: like(m, table[name])
+                        for name, m in matrices.items()})
+
+
 def _scale_by_table(spec: _Spec, learned: bool,
                     kernel_layout: _kernels.KernelLayoutSpec
                     ) -> optax.GradientTransformationExtraArgs:
@@ -468,40 +580,26 @@ def _scale_by_table(spec: _Spec, learned: bool,
       # so it cannot match an empty one: a leaf marks it as not params.
       return SpatialScalingState(scalings=jnp.zeros((0,), jnp.float32))
     layouts = _kernels.resolve_layouts(params, kernel_layout)
-    given = _given_tree(spec, params, layouts)
-    matrices, kernels, skipped = {}, {}, {}
-
-    def add(name, layout, kernel, given_matrix):
-      matrix, reason = _starting_matrix(spec, name, kernel, layout,
-                                        given_matrix)
-      if matrix is not None:
-        if name in kernels:
-          raise ValueError(
-              f"Two scaled kernels have the path name {name!r} (a key "
-              "holding '/' clashes with nested keys): rename one.")
-        kernels[name] = KernelInfo.of(kernel, layout)
-        if learned and any(s % 2 == 0 for s in kernels[name].size):
-          raise ValueError(
-              f"Learned SGS: {name} has the even kernel size "
-              f"{kernels[name].size}, which the dependence matrix (centred "
-              "on a tap) cannot fit: leave it out with kernel_layout or mask, "
-              "or use learn=False.")
-        matrices[name] = _as_state_matrix(name, matrix, kernel, layout,
-                                          spec.normalize)
-      elif reason is not None:
-        skipped[name] = reason
-
-    _kernels.map_layouts(add, layouts, params, given)
+    _kernels.check_plausible("sgs", params, layouts, kernel_layout)
+    matrices, kernels, skipped = _table_entries(spec, learned, params,
+                                                layouts)
     _check_something_scaled(spec, matrices, skipped, params, layouts,
                             kernel_layout)
     structure = jax.tree.structure(params, is_leaf=_is_masked)
-    return SpatialScalingState(
-        ScalingTable(matrices, structure, learned, kernels))
+    return SpatialScalingState(ScalingTable(
+        matrices, structure, learned, kernels,
+        selected_by=kernel_layout if isinstance(kernel_layout, str) else None,
+        rank_skipped=_rank_skipped(params, layouts, kernel_layout)
+        if learned else ()))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    table = state.scalings
     layouts = _kernels.resolve_layouts(updates, kernel_layout)
+    _kernels.check_plausible("sgs", updates, layouts, kernel_layout)
+    table = state.scalings
+    if _rereads(spec, learned, table):
+      table = _reread(spec, table, updates, layouts)
+      state = state._replace(scalings=table)
     seen = set()
 
     def scale(name, layout, grad):
@@ -622,8 +720,10 @@ def spatial_gradient_scaling(
       * a pytree with the structure of the params holding such an array or
         ``None`` at each leaf.
 
-      Matrices are read once, at init. Under ``optax.inject_hyperparams``
-      pass ``static_args=("scaling",)``; a traced ``scaling`` raises.
+      Matrices are read at init; constant arrays are read again at every
+      eager update, so that an eager change under
+      ``optax.inject_hyperparams`` applies. Under ``jit`` pass
+      ``static_args=("scaling",)``; a traced ``scaling`` raises.
     learn: whether :func:`sgs_optax.refresh_scalings` replaces the matrices
       with ones learned from data. Defaults to ``scaling is None``;
       ``sgs("acb", learn=True)`` starts from ACB and is refreshed. The
@@ -634,7 +734,10 @@ def spatial_gradient_scaling(
       layers), or a params-shaped pytree (or callable ``params -> pytree``)
       of layout strings and ``None`` per leaf, e.g. for transposed convs
       (``"HWOI"``) or models mixing ranks. A string applies to every leaf of
-      its rank.
+      its rank, and a leaf it reads far less plausibly than the other
+      standard arrangement raises (see :func:`sgs_optax.conv_layouts`, which
+      reads each kernel's layout from the model, and the "Kernel layouts"
+      how-to).
     mask: optional optax-style mask (a pytree of booleans, possibly a prefix
       of the params, or a callable returning one); the transform is then
       ``optax.masked(..., mask)`` and leaves where it is False are never
@@ -657,8 +760,9 @@ def spatial_gradient_scaling(
       selected kernel, a matrix that does not fit its kernel or an array that
       fits kernels with different meanings, a ``scaling`` pytree that does
       not match the params, a matrix that is not an array, negative,
-      non-finite, or of mean 0 with ``normalize=True``, and (with
-      ``strict=True``) unscaled kernels.
+      non-finite, or of mean 0 with ``normalize=True``, a layout string that
+      misreads a leaf (e.g. a ``(32, 16, 3, 3)`` OIHW weight under
+      ``"HWIO"``), and (with ``strict=True``) unscaled kernels.
 
   Examples:
     >>> import jax.numpy as jnp, optax, sgs_optax

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -357,3 +358,249 @@ def test_linen_params_instead_of_variables_raise():
     sgs_optax.capture_conv_inputs(model, variables["params"], x)
   with pytest.raises(ValueError, match="not the params alone"):
     sgs_optax.capture_conv_inputs(model, x)
+
+
+# conv_layouts: the same walk, on abstract values, naming each kernel's axes.
+
+
+def abstract(tree):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def layouts_without_warning(*args, **kwargs):
+  """conv_layouts; any warning it raises fails the test (pyproject)."""
+  return sgs_optax.conv_layouts(*args, **kwargs)
+
+
+def test_conv_layouts_of_a_plain_function_compose_transposes():
+  def net(params, x, seq):  # NCHW / NCW inputs, kernels stored four ways.
+    y = jax.lax.conv_general_dilated(
+        x, params["oihw"], (1, 1), "SAME",
+        dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    # Stored (kw, kh, I, O), cast, transposed to HWIO and standardised on
+    # the way: the axes survive casts and arithmetic with its own mean.
+    w = jnp.transpose(params["whio"].astype(jnp.bfloat16), (1, 0, 2, 3))
+    w = w.astype(jnp.float32)
+    y = jax.lax.conv_general_dilated(
+        y, (w - w.mean()) / w.std(), (1, 1), "SAME",
+        dimension_numbers=("NCHW", "HWIO", "NCHW"))
+    # A 1-D kernel stored with a leading size-1 axis that a reshape drops:
+    # the conv never reads that axis, so no layout of the leaf's rank fits.
+    w = params["extra"].reshape(params["extra"].shape[1:])
+    z = jax.lax.conv_general_dilated(
+        seq, w, (1,), "SAME", dimension_numbers=("NCW", "WIO", "NCW"))
+    # One with a size-1 axis added: (O, I, W) read as (O, I, 1, W).
+    v = jax.lax.conv_general_dilated(
+        x, params["oiw"][:, :, None, :], (1, 1), "SAME",
+        dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    return y.mean() + z.mean() + v.mean() + params["scale"].sum()
+
+  params = {"oihw": jnp.ones((4, 3, 3, 3)), "whio": jnp.ones((5, 3, 4, 4)),
+            "extra": jnp.ones((1, 3, 4, 4)), "oiw": jnp.ones((2, 3, 5)),
+            "scale": jnp.ones((4,))}
+  inputs = (jnp.ones((2, 3, 6, 6)), jnp.ones((2, 4, 7)))
+  with pytest.warns(UserWarning) as caught:
+    got = sgs_optax.conv_layouts(net, abstract(params), *abstract(inputs))
+  (message,) = [str(w.message) for w in caught]
+  # The size-1 axis added by the indexing is the conv's H: no leaf axis.
+  assert "extra: a conv reads it along axes" in message
+  assert "oiw: a conv reads it along axes" in message
+  assert got == {"oihw": "OIHW", "whio": "WHIO", "extra": None, "oiw": None,
+                 "scale": None}
+
+
+def test_conv_layouts_of_a_linen_model_abstract_inputs():
+  model, variables, x = linen_setup()
+  got = layouts_without_warning(model, abstract(variables), abstract(x),
+                                train=False)
+  assert got == {
+      "stem": {"kernel": "HWIO", "bias": None},
+      "block": {"shared": {"kernel": "HWIO", "bias": None},
+                "down": {"kernel": "HWIO", "bias": None},
+                "BatchNorm_0": {"scale": None, "bias": None}},
+      "head": {"kernel": "HWIO", "bias": None}}
+  with pytest.raises(ValueError, match="conv_layouts.*train=False"):
+    sgs_optax.conv_layouts(model, variables, x, mutable=True)
+
+
+def test_conv_layouts_of_nnx_equinox_and_nd_models():
+  nnx_model = NnxNet(nnx.Rngs(0))
+  got = layouts_without_warning(nnx_model, jnp.ones((2, 8, 8, 3)))
+  assert jax.tree.structure(got, is_leaf=lambda v: v is None) == (
+      jax.tree.structure(nnx.as_pure(nnx.state(nnx_model, nnx.Param))))
+  assert got["stem"]["kernel"] == "HWIO" and got["norm"]["scale"] is None
+  assert [layer["kernel"] for layer in got["layers"].values()] == [
+      "HWIO", "HWIO"]
+  eqx_model = EqxNet(jax.random.key(0))
+  got = layouts_without_warning(lambda m, x: jax.vmap(m)(x), eqx_model,
+                                jnp.ones((2, 3, 8, 8)))
+  assert (got.first.weight, got.second.weight, got.first.bias) == (
+      "OIHW", "OIHW", None)
+  assert got == layouts_without_warning(eqx_model, jnp.ones((3, 8, 8)))
+  # The tree is an Equinox module, hence callable: still a layout tree.
+  params = eqx.filter(eqx_model, eqx.is_array)
+  tx = sgs_optax.sgs("acb", kernel_layout=got)
+  updates, _ = tx.update(params, tx.init(params))
+  np.testing.assert_allclose(updates.first.weight,
+                             params.first.weight * acb_matrix(3), rtol=1e-6)
+  np.testing.assert_array_equal(updates.first.bias, params.first.bias)
+  nnx_params = nnx.as_pure(nnx.state(nnx_model, nnx.Param))
+  tx = sgs_optax.cdg(kernel_layout=layouts_without_warning(
+      nnx_model, jnp.ones((2, 8, 8, 3))))
+  updates, _ = tx.update(nnx_params, tx.init(nnx_params))
+  np.testing.assert_allclose(
+      updates["stem"]["kernel"],
+      sobolev_dense(nnx_params["stem"]["kernel"], 3, 1.0), rtol=1e-5,
+      atol=1e-7)
+  seq, vol = jnp.ones((2, 16, 3)), jnp.ones((2, 6, 5, 4, 2))
+  params = NDNet().init(jax.random.key(2), seq, vol)["params"]
+  got = layouts_without_warning(NDNet(), {"params": params}, seq, vol)
+  assert {name: got[name]["kernel"] for name in got} == {
+      "c1a": "WIO", "c1b": "WIO", "c3a": "DHWIO", "c3b": "DHWIO"}
+
+
+def test_conv_layouts_warn_and_give_none_where_no_permutation_fits():
+  conv = lambda x, w, dims=("NHWC", "HWIO", "NHWC"): (
+      jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                   dimension_numbers=dims))
+
+  def net(params, x):
+    y = conv(x, params["merged"].reshape(3, 3, 4, 4))  # (9, 4, 4): merged.
+    y = conv(y, params["two"]) + conv(y, params["two"],
+                                      ("NHWC", "HWOI", "NHWC"))
+    y = conv(y, params["a"] + params["b"])  # one kernel from two leaves.
+    y = jax.lax.cond(y.sum() > 0, lambda v: conv(v, params["in_cond"]),
+                     lambda v: v, y)
+    return conv(y, params["fine"])
+
+  params = {name: jnp.ones(shape) for name, shape in [
+      ("merged", (9, 4, 4)), ("two", (3, 3, 4, 4)), ("a", (3, 3, 4, 4)),
+      ("b", (3, 3, 4, 4)), ("in_cond", (3, 3, 4, 4)), ("fine", (3, 3, 4, 4))]}
+  with pytest.warns(UserWarning) as caught:
+    got = sgs_optax.conv_layouts(net, params, jnp.ones((1, 5, 5, 4)))
+  assert got == {"merged": None, "two": None, "a": None, "b": None,
+                 "in_cond": None, "fine": "HWIO"}
+  (message,) = [str(w.message) for w in caught]
+  for name, why in [("merged", "not a permutation"),
+                    ("two", "different layouts ['HWIO', 'HWOI']"),
+                    ("a", "other params leaves"), ("b", "other params leaves"),
+                    ("in_cond", "cond body")]:
+    assert f"{name}: " in message and why in message, (name, message)
+  assert "fine" not in message
+
+
+def test_conv_layouts_under_vmap_over_kernels_is_not_a_permutation():
+  # vmap over stacked kernels folds the layer axis into the conv's output
+  # channels: the stack gets no layout (a scan would give "LHWIO").
+  def net(params, x):
+    conv = lambda w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.vmap(conv)(params["stack"])
+
+  def scanned(params, x):
+    def step(h, w):
+      return jnp.tanh(jax.lax.conv_general_dilated(
+          h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      ), None
+    return jax.lax.scan(step, x, params["stack"])[0]
+
+  params = {"stack": jnp.ones((2, 3, 3, 4, 4))}
+  x = jnp.ones((1, 5, 5, 4))
+  with pytest.warns(UserWarning, match="stack: a conv reads it along axes"):
+    assert sgs_optax.conv_layouts(net, params, x) == {"stack": None}
+  assert layouts_without_warning(scanned, params, x) == {"stack": "LHWIO"}
+
+
+class DoneWhen(nn.Module):
+  """Issue 18's model: a stem, a (3, 3, 8, 8) parameter used as a dense
+  mixing, an nn.scan stack, a ConvTranspose (and one transposing its
+  kernel)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3), name="stem")(x))
+    mix = self.param("mix", nn.initializers.normal(1.0), (3, 3, 8, 8))
+    x = jnp.einsum("nhwc,ijcd->nhwd", x, mix) / 9.0
+    layers = nn.scan(ScanLayer8, variable_axes={"params": 0},
+                     split_rngs={"params": True}, length=3)
+    x = layers(name="stack")(x, None)[0]
+    x = nn.ConvTranspose(8, (3, 3), strides=(2, 2), name="up")(x)
+    return nn.ConvTranspose(6, (3, 3), strides=(2, 2), transpose_kernel=True,
+                            name="up_t")(x)
+
+
+class ScanLayer8(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, _):
+    return nn.relu(nn.Conv(8, (3, 3), name="conv")(x)), None
+
+
+def acb_matrix(k):
+  """ACB's S by explicit loops: KxK everywhere, 1xK on the centre row, Kx1
+  on the centre column (SPEC 1.2), unit scales."""
+  s = np.ones((k, k))
+  for i in range(k):
+    for j in range(k):
+      s[i, j] += (i == k // 2) + (j == k // 2)
+  return s
+
+
+def sobolev_dense(g, axis, lam):
+  """G^{-1} g along `axis` by a dense solve of the periodic Sobolev metric
+  G = I - lam * Laplacian (SPEC 2.1)."""
+  n = g.shape[axis]
+  laplacian = -2 * np.eye(n) + np.roll(np.eye(n), 1, 0) + np.roll(
+      np.eye(n), -1, 0)
+  metric = np.eye(n) - lam * laplacian
+  moved = np.moveaxis(np.asarray(g, np.float64), axis, -1)
+  return np.moveaxis(np.linalg.solve(metric, moved[..., None])[..., 0], -1,
+                     axis)
+
+
+def test_done_when_conv_layouts_drive_sgs_and_cdg_to_exactly_the_convs():
+  model = DoneWhen()
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+  variables = model.init(jax.random.key(1), x)
+  params = variables["params"]
+  layouts = layouts_without_warning(model, variables, x)
+  assert layouts == {
+      "stem": {"kernel": "HWIO", "bias": None}, "mix": None,
+      "stack": {"conv": {"kernel": "LHWIO", "bias": None}},
+      "up": {"kernel": "HWIO", "bias": None},
+      "up_t": {"kernel": "HWOI", "bias": None}}
+  grads = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2))(
+      params)
+  convs = {"stem": (grads["stem"]["kernel"], "HWIO"),
+           "up": (grads["up"]["kernel"], "HWIO"),
+           "up_t": (grads["up_t"]["kernel"], "HWOI")}
+
+  tx = sgs_optax.sgs("acb", kernel_layout=layouts)
+  updates, _ = tx.update(grads, tx.init(params))
+  s = acb_matrix(3)
+  for name, (g, layout) in convs.items():
+    # The spatial axes are the first two in both layouts.
+    want = np.asarray(g) * s[:, :, None, None]
+    np.testing.assert_allclose(updates[name]["kernel"], want, rtol=1e-6)
+  stack = np.asarray(grads["stack"]["conv"]["kernel"])
+  np.testing.assert_allclose(updates["stack"]["conv"]["kernel"],
+                             stack * s[None, :, :, None, None], rtol=1e-6)
+  assert (np.asarray(updates["mix"]) == np.asarray(grads["mix"])).all()
+  # Not vacuous: the default layout string scales the mixing parameter.
+  default, _ = sgs_optax.sgs("acb").update(grads, sgs_optax.sgs("acb").init(
+      params))
+  assert not np.array_equal(default["mix"], grads["mix"])
+
+  tx = sgs_optax.cdg(kernel_layout=layouts)
+  updates, _ = tx.update(grads, tx.init(params))
+  outputs = {"stem": 3, "up": 3, "up_t": 2}
+  for name, (g, _) in convs.items():
+    np.testing.assert_allclose(updates[name]["kernel"],
+                               sobolev_dense(g, outputs[name], 1.0),
+                               rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(updates["stack"]["conv"]["kernel"],
+                             sobolev_dense(stack, 4, 1.0), rtol=1e-5,
+                             atol=1e-7)
+  assert (np.asarray(updates["mix"]) == np.asarray(grads["mix"])).all()
+  default, _ = sgs_optax.cdg().update(grads, optax.EmptyState())
+  assert not np.array_equal(default["mix"], grads["mix"])

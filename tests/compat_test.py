@@ -313,3 +313,116 @@ def test_array_scaling_must_be_static_under_inject_hyperparams():
   np.testing.assert_allclose(updates["conv"]["kernel"],
                              params["conv"]["kernel"] * GIVEN[..., None, None],
                              rtol=1e-6)
+
+
+def test_case8_an_eager_change_of_an_injected_array_scaling_applies():
+  params = make_tree(0, jnp.float32)
+  grads = make_tree(1, jnp.float32)
+  tx = optax.inject_hyperparams(sgs_optax.sgs)(scaling=jnp.ones((3, 3)),
+                                               kernel_layout=LAYOUTS)
+  state = tx.init(params)
+  state.hyperparams["scaling"] = jnp.asarray(GIVEN, jnp.float32)
+  updates, state = tx.update(grads, state, params)
+  for name, spatial in SPATIAL.items():
+    layer, leaf = name.split("/")
+    np.testing.assert_allclose(updates[layer][leaf],
+                               np.asarray(grads[layer][leaf]) * spatial(GIVEN),
+                               rtol=1e-6)
+  np.testing.assert_array_equal(
+      sgs_optax.get_scalings(state)["conv"]["kernel"], GIVEN)
+  # A scaling that no longer fits the kernels raises instead of applying
+  # to some of them.
+  state.hyperparams["scaling"] = jnp.ones((5, 5))
+  with pytest.raises(ValueError, match="does not fit any selected"):
+    tx.update(grads, state, params)
+
+
+def restore_abstractly(tx, params, non_params):
+  """The orbax abstract-restore idiom: abstract state -> shardings ->
+  ShapeDtypeStruct tree -> restore; returns the restored and saved states."""
+  import tempfile
+
+  import orbax.checkpoint as ocp
+
+  mesh = jax.make_mesh((1,), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = jax.eval_shape(tx.init, params)
+  shardings = optax.tree_utils.tree_map_params(
+      tx.init, lambda _: replicated, abstract,
+      transform_non_params=lambda t: non_params(t, replicated),
+      is_leaf=lambda v: isinstance(v, optax.MaskedNode))
+  target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, shardings)
+  state = tx.init(params)
+  with tempfile.TemporaryDirectory() as directory:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory + "/state", state)
+    checkpointer.wait_until_finished()
+    return checkpointer.restore(directory + "/state", target), state
+
+
+def test_case6_abstract_restore_of_every_chain_with_the_mapping_form():
+  params = make_tree(0, jnp.float32)
+  mapping = lambda t, s: jax.tree.map(lambda _: s, t)
+  chains = {
+      "sgs": optax.chain(sgs_optax.sgs("acb", kernel_layout=LAYOUTS),
+                         optax.sgd(0.1, momentum=0.9)),
+      "cdg+learned": optax.chain(sgs_optax.cdg(kernel_layout=LAYOUTS),
+                                 sgs_optax.sgs(kernel_layout=LAYOUTS),
+                                 optax.adamw(1e-3)),
+      "masked": sgs_optax.sgs(GIVEN, kernel_layout=LAYOUTS,
+                              mask={"conv": True, "torch": False,
+                                    "dense": False}),
+      "inject": optax.inject_hyperparams(
+          sgs_optax.sgs, static_args=("scaling",))(
+              scaling="acb", kernel_layout=LAYOUTS),
+      "multisteps": optax.MultiSteps(optax.chain(
+          sgs_optax.cdg(kernel_layout=LAYOUTS), optax.sgd(0.1)), 2),
+  }
+  for name, tx in chains.items():
+    restored, saved = restore_abstractly(tx, params, mapping)
+    assert jax.tree.structure(restored) == jax.tree.structure(saved), name
+    jax.tree.map(np.testing.assert_array_equal, restored, saved)
+  # The one-sharding form cannot give the table's leaves their shardings
+  # (optax's placeholder init cannot know the table's keys): the idiom
+  # fails with the error the sharding how-to names.
+  with pytest.raises(ValueError,
+                     match=r"(?s)pytree structure error.*\.scalings"):
+    restore_abstractly(chains["sgs"], params, lambda t, s: s)
+
+
+def test_case6_the_sharding_howtos_restore_block_runs_and_restores():
+  """The how-to's code, as written, then the orbax restore it prepares."""
+  import pathlib
+  import re
+  import tempfile
+
+  import orbax.checkpoint as ocp
+
+  howto = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "howto" /
+           "sharded.md").read_text()
+  section = howto.split("## Restoring a checkpoint", 1)[1]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  namespace = {}
+  exec(compile(code, "sharded.md", "exec"),  # pylint: disable=exec-used
+       namespace)
+  tx, params, target = (namespace[k] for k in ("tx", "params", "target"))
+  state = tx.init(params)
+  with tempfile.TemporaryDirectory() as directory:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory + "/state", state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(directory + "/state", target)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  assert isinstance(restored[1].scalings, sgs_optax.ScalingTable)
+  # The error the how-to quotes is the one-sharding form's.
+  replicated = namespace["replicated"]
+  one = optax.tree_utils.tree_map_params(
+      tx.init, lambda _: replicated, namespace["abstract_state"],
+      transform_non_params=lambda _: replicated)
+  quoted = re.search(r"    (ValueError: .*?)\n\n", section, re.S).group(1)
+  with pytest.raises(ValueError) as raised:
+    jax.tree.map(lambda a, s: a, namespace["abstract_state"], one)
+  assert "ValueError: " + str(raised.value) == re.sub(
+      r"\n    ", "\n", quoted)

@@ -19,6 +19,13 @@ def test_usage_example_runs(capsys):
   np.testing.assert_array_equal(numbers, [1, 2, 1, 2, 3, 2, 1, 2, 1])
 
 
+def test_usage_non_flax_example_reads_layouts_from_the_model(capsys):
+  usage = README.split("## Usage", 1)[1].split("\n## ", 1)[0]
+  code = re.findall(r"```python\n(.*?)```", usage, re.S)[1]
+  exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
+  assert capsys.readouterr().out.split() == ["OIHW", "None"]
+
+
 def test_ci_runs_the_readme_test_command():
   ci = (ROOT / ".ci" / "run").read_text()
   assert "<!-- test-command -->" in ci

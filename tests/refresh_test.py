@@ -418,3 +418,98 @@ def test_weight_norm_kernel_is_not_captured_and_the_error_says_why():
   with pytest.raises(ValueError, match=r"\['c/kernel'\].*several params "
                      r"\(e\.g\. nn\.WeightNorm"):
     sgs_optax.refresh_scalings(state, captured)
+
+
+def test_case2_scan_model_on_a_rank_4_layout_string_raises_at_refresh():
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 8, 8, 3)))
+  variables = ScanNet().init(jax.random.key(1), x)
+  params = variables["params"]
+  captured = sgs_optax.capture_conv_inputs(ScanNet(), variables, x)
+  # The default "HWIO" selects the stem only; the stacked kernels would be
+  # skipped silently.
+  state = sgs_optax.sgs().init(params)
+  assert list(sgs_optax.get_scalings(state)["layers"]["conv"].values()) == [
+      None, None]
+  with pytest.raises(ValueError, match=(
+      r"\['layers/conv/kernel'\].*rank \[5\].*'HWIO'.*'LHWIO'.*"
+      r"conv_layouts.*mask")):
+    sgs_optax.refresh_scalings(state, captured)
+  # Said explicitly, leaving the stack unscaled is fine.
+  for tx in (sgs_optax.sgs(mask={"stem": True, "layers": False}),
+             sgs_optax.sgs(kernel_layout={"stem": {"kernel": "HWIO",
+                                                   "bias": None},
+                                          "layers": {"conv": {
+                                              "kernel": None,
+                                              "bias": None}}})):
+    sgs_optax.refresh_scalings(tx.init(params), captured)
+  # The layouts read from the model learn every layer.
+  tx = sgs_optax.sgs(kernel_layout=sgs_optax.conv_layouts(
+      ScanNet(), variables, x))
+  new = sgs_optax.get_scalings(sgs_optax.refresh_scalings(tx.init(params),
+                                                          captured))
+  assert new["layers"]["conv"]["kernel"].shape == (3, 3, 3)
+  assert not np.allclose(new["layers"]["conv"]["kernel"], 1.0)
+
+
+def whio_net(params, x):
+  """A conv whose kernel is stored (kw, kh, I, O) and transposed."""
+  return jax.lax.conv_general_dilated(
+      x, jnp.transpose(params["w"], (1, 0, 2, 3)), (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("kh, kw", [(3, 5), (3, 3)])
+def test_case3_matrix_is_stored_in_the_parameters_axis_order(kh, kw):
+  # Inputs correlated along W far more than along H: the measured (kh, kw)
+  # matrix is not symmetric, so storing it unmoved would be caught.
+  noise = jax.random.normal(jax.random.key(0), (4, 12, 12 + 4, 2))
+  x = jax.nn.relu(sum(noise[:, :, i:i + 12] for i in range(5)))
+  params = {"w": jnp.ones((kw, kh, 2, 3))}
+  layouts = sgs_optax.conv_layouts(whio_net, params, x)
+  assert layouts == {"w": "WHIO"}
+  captured = sgs_optax.capture_conv_inputs(whio_net, params, x)
+  assert captured["w"].kernel_size == (kh, kw)  # as the conv reads it.
+  tx = sgs_optax.sgs(kernel_layout=layouts)
+  state = sgs_optax.refresh_scalings(tx.init(params), captured)
+  got = np.asarray(sgs_optax.get_scalings(state)["w"])
+  measured = expected_scaling(captured["w"], (kh, kw))  # rows: H.
+  assert not np.allclose(measured, measured.T if kh == kw else 0.0,
+                         atol=1e-3)
+  assert got.shape == (kw, kh)
+  for h in range(kh):
+    for w in range(kw):
+      np.testing.assert_allclose(got[w, h], measured[h, w], rtol=1e-6)
+  # The update puts the large factors on the parameter's W axis.
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state)
+  np.testing.assert_allclose(updates["w"][:, :, 0, 0], got, rtol=1e-6)
+
+
+def test_case3_axis_order_mismatch_is_named():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 2))
+  params = {"w": jnp.ones((5, 3, 2, 3))}  # stored (kw, kh, I, O)
+  captured = sgs_optax.capture_conv_inputs(whio_net, params, x)
+  state = sgs_optax.sgs().init(params)  # "HWIO": reads (kh, kw) = (5, 3).
+  with pytest.raises(ValueError, match=(
+      r"size \(3, 5\) \(axes H, W.*'HWIO'.*\(5, 3\).*another order.*"
+      r"'WHIO'.*conv_layouts")):
+    sgs_optax.refresh_scalings(state, captured)
+
+
+def test_case7_zero_size_inputs():
+  # No input channels: the kernel has no entries and keeps its matrix.
+  params = {"w": jnp.ones((3, 3, 0, 8)), "v": jnp.ones((3, 3, 2, 8))}
+  state = sgs_optax.sgs("acb", learn=True).init(params)
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 6, 6, 2)))
+  record = lambda inputs: sgs_optax.ConvInput(inputs, ((1, 1), (1, 1)),
+                                              kernel_size=(3, 3))
+  new = sgs_optax.refresh_scalings(
+      state, {"w": record(jnp.zeros((2, 6, 6, 0))), "v": record(x)})
+  before, after = sgs_optax.get_scalings(state), sgs_optax.get_scalings(new)
+  np.testing.assert_array_equal(after["w"], before["w"])
+  np.testing.assert_allclose(after["v"], expected_scaling(record(x), (3, 3)),
+                             rtol=1e-6)
+  # Inputs without pixels: a clear error, not a ZeroDivisionError.
+  for empty in (jnp.zeros((0, 6, 6, 2)), jnp.zeros((2, 0, 0, 2))):
+    with pytest.raises(ValueError, match="'v'.*hold no pixels"):
+      sgs_optax.refresh_scalings(state, {"w": record(jnp.zeros((2, 6, 6, 0))),
+                                         "v": record(empty)})

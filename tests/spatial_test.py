@@ -549,3 +549,11 @@ def test_flax_serialization_round_trips_learned_matrices():
       sgs_optax.get_scalings(back)["stem"]["kernel"], want)
   with pytest.raises(ValueError, match="same model"):
     serialization.from_bytes(tx.init({"other": params["stem"]}), blob)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 0, 8), (3, 3, 4, 0), (0, 3, 4, 8)])
+def test_zero_size_kernels_give_an_empty_result(shape):
+  params = {"w": jnp.ones(shape), "v": jnp.ones((3, 3, 2, 2))}
+  for tx in (sgs_optax.sgs("acb"), sgs_optax.sgs()):
+    updates, _ = tx.update(params, tx.init(params))
+    assert updates["w"].shape == shape and updates["w"].dtype == jnp.float32
