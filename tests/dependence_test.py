@@ -747,3 +747,24 @@ def test_speed_benchmark_tiny_run(tmp_path):
   assert large["13x13"]["offsets"] == 84 and large["31-tap"]["offsets"] == 15
   assert all(r["wall_s"]["large"] > 0 and r["temp_bytes"] > 0
              for r in large.values())
+
+
+@pytest.mark.slow
+def test_speed_benchmark_counting_and_refresh_tiny_runs(tmp_path):
+  from benchmarks import mi_speed  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "counting.json"
+  results = mi_speed.main(["--counting", "--tiny", "--out", str(out)])
+  counting = json.loads(out.read_text())["counting"]
+  assert counting == json.loads(json.dumps(results["counting"]))
+  assert counting["identical"] and counting["n_images"] == 16
+  assert len(counting["layers"]) == len(mi_speed.TINY_CONV_INPUTS)
+  assert all(t > 0 for t in counting["total_wall_s"].values())
+  assert counting["matmul_over_scatter"] > 0
+  # One refresh jitted in place and one on a given device: same timings'
+  # keys, temporaries only where it is compiled ahead.
+  here = mi_speed.run_refresh("resnet18", n=4, repeats=1, tiny=True)
+  there = mi_speed.run_refresh("resnet18", n=4, repeats=1, tiny=True,
+                               device=jax.devices()[0])
+  assert here["temp_bytes"] > 0 and there["temp_bytes"] is None
+  assert all(r["run_s"] > 0 and r["compile_s"] >= 0 for r in (here, there))
