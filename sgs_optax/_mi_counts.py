@@ -72,9 +72,10 @@ from sgs_optax import _mi_plan
 # displacements.
 _CHUNK_ELEMENTS = 1 << 15
 # Matmul form: elements of the one-hot indicators of one loop step, per side
-# (float32: 16 MiB), so that memory stays bounded whatever the batch while
-# each product is large enough to keep a matrix unit busy.
-_ONEHOT_ELEMENTS = 1 << 22
+# (float32: 64 MiB), so that memory stays bounded whatever the batch while
+# each step's products are large enough to amortise an accelerator's kernel
+# launches (a guess until measured on one: a tuning constant).
+_ONEHOT_ELEMENTS = 1 << 24
 # Matmul form: pairs summed in float32 at once, exact below 2**24.
 _EXACT_PAIRS = 1 << 24
 # Count tables (and sampled pair positions) are held for at most this many

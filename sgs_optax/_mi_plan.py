@@ -6,8 +6,9 @@ displacements of the kernel window (one of each ``+/-`` pair, in the official
 code's raster order) and their dilated pixel offsets, the conv's explicit
 pads, each displacement's crop of the padded map and pair count, the Sturges
 bin count of the static count buffer, which displacements a ``subsample``
-draws from, and how the joint histograms are counted. The checks of the arguments that fix it live here too, so that a
-bad argument is refused while tracing, before anything is counted.
+draws from, and how the joint histograms are counted. The checks of the
+arguments that fix it live here too, so that a bad argument is refused while
+tracing, before anything is counted.
 
 Example:
   >>> from sgs_optax import _mi_plan
