@@ -34,11 +34,19 @@ the input of a Conformer-style depthwise conv (32 sequences of 1000 frames,
 compile time, the compiled temporaries against the input's size, and the
 subsampled variants' difference from the full count.
 
+Counting paths (``--counting``): the estimator's two ways of counting its
+histograms, ``counting="scatter"`` and ``counting="matmul"``, timed side by
+side (interleaved, medians) on the same inputs of the eight VGG-11 convs at
+the paper's refresh size, 2 batches of 128 images, with their compile times,
+the ratio of their totals and whether their matrices are identical (they must
+be). :func:`run_counting` is the same, for other scripts.
+
 Run from the repository root::
 
   python -m benchmarks.mi_speed --out results/mi_speed.json
   python -m benchmarks.mi_speed --tiny     # a seconds-long smoke run
   python -m benchmarks.mi_speed --large-windows-only  # 13x13 and 31-tap
+  python -m benchmarks.mi_speed --counting  # scatter against matmul
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgs_optax._dependence import spatial_dependence
+from sgs_optax._mi_plan import COUNTINGS
 
 # (input channels, spatial size) of each 3x3 conv of a CIFAR VGG-11.
 VGG11_CONV_INPUTS = (
@@ -77,6 +86,8 @@ TINY_LARGE_WINDOWS = (
     ("31-tap", (4, 64, 4), (31,)),
 )
 LARGE_SUBSAMPLES = (4096, 16384)
+# The paper's refresh on CIFAR-100: 2 training batches of 128 images.
+PAPER_REFRESH_IMAGES = 256
 FULL_DATA_GOAL = 3.0
 STRETCH_GOAL = 10.0
 STRETCH_MAX_DIFF = 2e-3
@@ -283,25 +294,14 @@ def run_large_window(
   for m in subsamples:
     variants[f"large[{m}]"] = (
         lambda m=m: spatial_dependence(xj, window, subsample=m, key=key))
-  first, wall, cpu, results = {}, {k: [] for k in variants}, {
-      k: [] for k in variants}, {}
-  for k, fn in variants.items():
-    results[k], first[k], _ = _timed(fn)
-  for r in range(repeats):
-    names = list(variants)[r % len(variants):] + list(variants)[
-        :r % len(variants)]
-    for k in names:
-      _, w, c = _timed(variants[k])
-      wall[k].append(w)
-      cpu[k].append(c)
+  first, wall, cpu, results = _interleaved(variants, repeats)
   compiled = jax.jit(lambda v: spatial_dependence(v, window)).lower(
       jax.ShapeDtypeStruct(x.shape, jnp.float32)).compile()
-  wall = {k: statistics.median(v) for k, v in wall.items()}
   return {
       "name": name, "shape": list(shape), "window": list(window),
       "offsets": (math.prod(window) - 1) // 2,
       "wall_s": wall,
-      "cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
+      "cpu_s": cpu,
       "compile_s": {k: max(first[k] - wall[k], 0.0) for k in first},
       "cost_vs_3_taps": wall["large"] / wall["small"],
       "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
@@ -323,6 +323,146 @@ def _print_large(r: dict) -> None:
   for k, d in r["max_abs_diff"].items():
     text += f"  {k[6:-1]}: {w[k]:.2f}s diff {d:.1e}"
   print(text, flush=True)
+
+
+def _interleaved(
+    variants: dict[str, Callable[[], object]], repeats: int
+) -> tuple[dict, dict, dict, dict]:
+  """First-call and median wall and CPU times, and the last results."""
+  first, wall, cpu, results = {}, {k: [] for k in variants}, {
+      k: [] for k in variants}, {}
+  for k, fn in variants.items():
+    results[k], first[k], _ = _timed(fn)
+  names = list(variants)
+  for r in range(repeats):
+    # Rotate the order so drifting machine load hits every variant alike.
+    for k in names[r % len(names):] + names[:r % len(names)]:
+      results[k], w, c = _timed(variants[k])
+      wall[k].append(w)
+      cpu[k].append(c)
+  wall = {k: statistics.median(v) for k, v in wall.items()}
+  return first, wall, {k: statistics.median(v) for k, v in cpu.items()}, \
+      results
+
+
+def run_counting(
+    layers_spec: Sequence[tuple[int, int]] = VGG11_CONV_INPUTS,
+    n: int = PAPER_REFRESH_IMAGES, repeats: int = 3, seed: int = 0,
+) -> dict:
+  """Times each counting path of the estimator on each layer's input.
+
+  Args:
+    layers_spec: (channels, spatial size) of each conv input.
+    n: images per input (the paper's refresh: 256).
+    repeats: timed calls per path and layer, interleaved.
+    seed: seeds the synthetic activations.
+
+  Returns:
+    Per-layer and total wall and CPU seconds and compile seconds per path,
+    ``matmul_over_scatter`` (the ratio of the total wall times) and
+    ``identical`` (whether every matrix is the same under both paths).
+  """
+  layers = []
+  for i, (channels, size) in enumerate(layers_spec):
+    x = jax.device_put(activations(n, channels, size, seed + i, stem=i == 0))
+    variants = {c: (lambda c=c: spatial_dependence(x, counting=c))
+                for c in COUNTINGS}
+    first, wall, cpu, results = _interleaved(variants, repeats)
+    layers.append({
+        "layer": i, "shape": [n, size, size, channels],
+        "wall_s": wall, "cpu_s": cpu,
+        "compile_s": {c: max(first[c] - wall[c], 0.0) for c in COUNTINGS},
+        "identical": bool(np.array_equal(
+            np.asarray(results["matmul"]), np.asarray(results["scatter"]),
+            equal_nan=True)),
+    })
+  total = {c: sum(r["wall_s"][c] for r in layers) for c in COUNTINGS}
+  return {
+      "backend": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind,
+      "n_images": n, "repeats": repeats, "layers": layers,
+      "total_wall_s": total,
+      "total_cpu_s": {c: sum(r["cpu_s"][c] for r in layers)
+                      for c in COUNTINGS},
+      "compile_s": {c: sum(r["compile_s"][c] for r in layers)
+                    for c in COUNTINGS},
+      "matmul_over_scatter": total["matmul"] / total["scatter"],
+      "identical": all(r["identical"] for r in layers),
+  }
+
+
+def run_refresh(
+    model_name: str = "resnet18", n: int = PAPER_REFRESH_IMAGES,
+    repeats: int = 3, seed: int = 0, counting: str | None = None,
+    device: jax.Device | None = None, tiny: bool = False,
+) -> dict:
+  """Compile and run time of one learned-SGS refresh of a CIFAR model.
+
+  As a user would: the conv inputs of ``n`` CIFAR-shaped images captured in
+  eval mode, then ``jax.jit(refresh_scalings)`` (on the inputs' device), or
+  with ``device`` an eager ``refresh_scalings(..., device=device)``.
+
+  Args:
+    model_name: one of ``benchmarks._models.MODELS``.
+    n: images (the paper's refresh: 256).
+    repeats: timed runs after the first.
+    seed: seeds the images and the init.
+    counting: the estimator's counting path (``None``: by platform).
+    device: if given, the device the refresh runs on.
+    tiny: the model at its smoke-test width.
+
+  Returns:
+    ``compile_s`` (lower and compile, or the first call's excess over a run
+    with ``device``), ``run_s`` (median), ``temp_bytes`` (the compiled
+    temporaries, jitted in place only) and the captured inputs' bytes.
+  """
+  # Imported here: Flax is only needed for this part.
+  import sgs_optax  # pylint: disable=g-import-not-at-top
+  from benchmarks import _models  # pylint: disable=g-import-not-at-top
+
+  model = _models.make_model(model_name, 100, tiny=tiny)
+  x = jnp.asarray(activations(n, 3, 32, seed, stem=True))
+  variables = model.init(jax.random.key(seed), x[:1])
+  state = sgs_optax.sgs().init(variables["params"])
+  captured = sgs_optax.capture_conv_inputs(model, variables, x, train=False)
+  inputs_bytes = sum(a.nbytes for a in jax.tree.leaves(captured))
+  temp = None
+  if device is None:
+    start = time.perf_counter()
+    refresh = jax.jit(sgs_optax.refresh_scalings,
+                      static_argnames=("counting",)).lower(
+                          state, captured, counting=counting).compile()
+    compile_s = time.perf_counter() - start
+    temp = refresh.memory_analysis().temp_size_in_bytes
+    run = lambda: refresh(state, captured)
+  else:
+    run = lambda: sgs_optax.refresh_scalings(state, captured,
+                                             counting=counting, device=device)
+  _, first, _ = _timed(run)
+  runs = [_timed(run)[1] for _ in range(repeats)]
+  run_s = statistics.median(runs)
+  if device is not None:
+    compile_s = max(first - run_s, 0.0)
+  return {"model": model_name, "n_images": n, "counting": counting,
+          "device": None if device is None else str(device),
+          "compile_s": compile_s, "run_s": run_s, "runs_s": runs,
+          "temp_bytes": temp, "captured_bytes": inputs_bytes}
+
+
+def _print_counting(result: dict) -> None:
+  for r in result["layers"]:
+    w = r["wall_s"]
+    print(f"layer {r['layer']} {tuple(r['shape'])}: scatter"
+          f" {w['scatter']:.3f}s  matmul {w['matmul']:.3f}s"
+          f" (matmul/scatter x{w['matmul'] / w['scatter']:.2f},"
+          f" {'identical' if r['identical'] else 'DIFFERENT'})", flush=True)
+  t, c = result["total_wall_s"], result["compile_s"]
+  print(f"counting paths on {result['backend']}"
+        f" ({result['device_kind']}), N={result['n_images']}: scatter"
+        f" {t['scatter']:.2f}s, matmul {t['matmul']:.2f}s, matmul/scatter"
+        f" x{result['matmul_over_scatter']:.2f}; compile scatter"
+        f" {c['scatter']:.1f}s, matmul {c['matmul']:.1f}s; matrices"
+        f" {'identical' if result['identical'] else 'DIFFERENT'}")
 
 
 def summarize(layers: list[dict], subsamples: Sequence[int]) -> dict:
@@ -418,11 +558,86 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                      help="do not time the 13x13 and 31-tap windows")
   which.add_argument("--large-windows-only", action="store_true",
                      help="time only the 13x13 and 31-tap windows")
+  which.add_argument("--refresh", choices=("vgg11", "resnet18"),
+                     help="time only one jitted refresh_scalings of this"
+                     " CIFAR model (compile, run, temporaries) per counting"
+                     " path")
+  which.add_argument("--counting", action="store_true",
+                     help="time only the two counting paths, side by side,"
+                     f" at {PAPER_REFRESH_IMAGES} images (the paper's"
+                     " refresh), and print their ratio")
   return parser.parse_args(argv)
+
+
+def _environment(load_before, start) -> dict:
+  return {
+      "jax": jax.__version__, "numpy": np.__version__,
+      "python": platform.python_version(), "cpus": os.cpu_count(),
+      "load_before": load_before, "load_after": os.getloadavg(),
+      "elapsed_s": time.perf_counter() - start,
+  }
+
+
+def _write(results: dict, path: str | None) -> None:
+  if path:
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
+def _main_counting(args: argparse.Namespace) -> dict:
+  """``--counting``: both counting paths side by side, nothing else."""
+  layers_spec = TINY_CONV_INPUTS if args.tiny else VGG11_CONV_INPUTS
+  n = args.n_images or (16 if args.tiny else PAPER_REFRESH_IMAGES)
+  repeats = args.repeats or (1 if args.tiny else 3)
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+        f"N={n}, repeats={repeats}", flush=True)
+  load_before, start = os.getloadavg(), time.perf_counter()
+  counting = run_counting(layers_spec, n, repeats, args.seed)
+  _print_counting(counting)
+  results = {
+      "settings": {"tiny": args.tiny, "n_images": n, "repeats": repeats,
+                   "seed": args.seed, "counting": True,
+                   "layers": [list(s) for s in layers_spec]},
+      "environment": _environment(load_before, start),
+      "counting": counting,
+  }
+  _write(results, args.out)
+  return results
+
+
+def _main_refresh(args: argparse.Namespace) -> dict:
+  """``--refresh MODEL``: one refresh per counting path, nothing else."""
+  n = args.n_images or (16 if args.tiny else PAPER_REFRESH_IMAGES)
+  repeats = args.repeats or (1 if args.tiny else 3)
+  load_before, start = os.getloadavg(), time.perf_counter()
+  runs = []
+  for counting in (None, *COUNTINGS):
+    runs.append(run_refresh(args.refresh, n, repeats, args.seed, counting,
+                            tiny=args.tiny))
+    r = runs[-1]
+    print(f"refresh {args.refresh} N={n} counting={counting}: compile"
+          f" {r['compile_s']:.1f}s, run {r['run_s']:.2f}s (runs"
+          f" {', '.join(f'{t:.2f}' for t in r['runs_s'])}), temporaries"
+          f" {r['temp_bytes'] / 2**20:.0f} MiB (captured inputs"
+          f" {r['captured_bytes'] / 2**20:.0f} MiB)", flush=True)
+  results = {"settings": {"refresh": args.refresh, "n_images": n,
+                          "repeats": repeats, "seed": args.seed,
+                          "tiny": args.tiny},
+             "environment": _environment(load_before, start),
+             "refresh": runs}
+  _write(results, args.out)
+  return results
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args = _parse(argv)
+  if args.counting:
+    return _main_counting(args)
+  if args.refresh:
+    return _main_refresh(args)
   layers_spec = TINY_CONV_INPUTS if args.tiny else VGG11_CONV_INPUTS
   if args.large_windows_only:
     layers_spec = ()
@@ -458,21 +673,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
           "subsamples": list(subsamples), "seed": args.seed,
           "layers": [list(s) for s in layers_spec],
       },
-      "environment": {
-          "jax": jax.__version__, "numpy": np.__version__,
-          "python": platform.python_version(), "cpus": os.cpu_count(),
-          "load_before": load_before, "load_after": os.getloadavg(),
-          "elapsed_s": time.perf_counter() - start,
-      },
+      "environment": _environment(load_before, start),
       "layers": layers,
       "summary": summary,
       "large_windows": large,
   }
-  if args.out:
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+  _write(results, args.out)
   return results
 
 

@@ -15,7 +15,7 @@ Everything static about an estimate is fixed first, from the shapes
    ``crop_ranges`` or, with diagonal removal, ``kept_ranges``.
 2. Joint histograms, per displacement and channel: ``_mi_counts.count_group``,
    over the pairs that ``_mi_pairs`` walks chunk by chunk, without a padded
-   copy of the batch.
+   copy of the batch, by scatter-adds or one-hot products (by platform).
 3. ``_sharpened_nmi``: entropies in bits, NMI and its sharpening.
 4. ``_assemble``: each value at its two mirrored taps, averaged over channels.
 
@@ -231,6 +231,7 @@ def spatial_dependence(
     padding_mode: str = "zeros",
     subsample: int | None = None,
     key: jax.Array | None = None,
+    counting: str | None = None,
 ) -> jax.Array:
   r"""Channel-averaged spatial dependence of a conv layer's input.
 
@@ -253,16 +254,22 @@ def spatial_dependence(
   dilated taps: entry ``r + u`` pairs pixels ``u * dilation`` apart, the
   pixels that tap actually sees relative to the centre tap.
 
-  The cost is one scatter-add per pair, so it grows with the number of
+  The cost is one count per pair, so it grows with the number of
   displacements (4 for 3x3, 84 for 13x13, 15 for a 31-tap 1-D window);
   tables are held for bounded groups of displacements, so memory does not.
+  Counts are integer scatter-adds on CPU and products of one-hot bin
+  indicators (``onehot(x_bins)^T @ onehot(y_bins)`` per channel, run on the
+  matrix units) on GPU and TPU, chosen where the computation is compiled, so
+  a call jitted onto a CPU device from a GPU host counts by scatter; both
+  give the same integers, hence the same matrix, and ``counting`` forces
+  one.
   On inputs sharded over the batch (any mesh, automatic or explicit axes)
   each device counts its own images and only the count tables are reduced
   across devices; the result is the same as on one device.
 
   Call it eagerly (it is jitted inside) or under ``jax.jit`` with every
-  argument but ``inputs`` and ``key`` static; ``k`` and ``diagonal_removal``
-  must be concrete.
+  argument but ``inputs`` and ``key`` static; ``k``, ``diagonal_removal``
+  and ``counting`` must be concrete.
 
   Args:
     inputs: the conv's input, channels-last ``(N, *spatial, C)`` with 1, 2 or
@@ -298,6 +305,13 @@ def spatial_dependence(
       uses every pair.
     key: a JAX PRNG key, required with ``subsample``; the result is
       deterministic given the key, and the same on any number of devices.
+    counting: how the joint histograms are counted, a static string:
+      ``"scatter"`` (integer scatter-adds in cache-sized chunks, fast on
+      CPU), ``"matmul"`` (one-hot products in float32 at highest precision,
+      each sum below 2**24 so exact, then int32; no scatter in the compiled
+      program), or ``None`` (the default): scatter on CPU, matmul on GPU
+      and TPU, picked by ``jax.lax.platform_dependent`` for the platform the
+      computation is compiled for.
 
   Returns:
     A float32 array of shape ``kernel_size`` with centre 1, symmetric under
@@ -309,8 +323,9 @@ def spatial_dependence(
     ValueError: for inputs that are not rank 3, 4 or 5, a kernel size of the
       wrong length, even, or of one tap, a bad padding spec or padding mode,
       bad strides or dilation, a non-positive or traced ``k``, a traced
-      ``diagonal_removal``, ``subsample`` without ``key``, or more than
-      2**31 - 1 padded pixels per channel. Raised while tracing.
+      ``diagonal_removal``, ``subsample`` without ``key``, an unknown
+      ``counting``, or more than 2**31 - 1 padded pixels per channel.
+      Raised while tracing.
 
   Examples:
     >>> import jax
@@ -337,7 +352,7 @@ def spatial_dependence(
   plan = _mi_plan.make_plan(
       tuple(jnp.shape(inputs)), kernel_size, padding, strides, dilation,
       padding_mode, diagonal_removal,
-      None if subsample is None else int(subsample),
+      None if subsample is None else int(subsample), counting,
   )
   key_data, key_impl = _mi_plan.split_key(key if plan.subsample else None)
   return _run(inputs, jnp.float32(k), key_data, plan=plan, key_impl=key_impl)

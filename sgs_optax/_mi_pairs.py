@@ -166,7 +166,7 @@ def row_pairs(
   offset = take(np.asarray([plan.offsets[j] for j in plan.live]), row)
   # Row-major: the neighbour of flat position q is q + delta wherever the
   # pair is real; elsewhere the index is clipped and the pair masked.
-  delta = jnp.dot(offset, np.cumprod((1, *plan.padded[:0:-1]))[::-1])
+  delta = jnp.sum(offset * np.cumprod((1, *plan.padded[:0:-1]))[::-1])
   flat = xp.reshape(-1, xp.shape[-1])
   source = jnp.arange(flat.shape[0]) + delta
   ys = jnp.take(flat, source, axis=0, mode="clip").reshape(xp.shape)

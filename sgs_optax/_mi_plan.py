@@ -5,9 +5,10 @@ worked out here, once, into a hashable :class:`Plan` (a jit static): the
 displacements of the kernel window (one of each ``+/-`` pair, in the official
 code's raster order) and their dilated pixel offsets, the conv's explicit
 pads, each displacement's crop of the padded map and pair count, the Sturges
-bin count of the static count buffer, and which displacements a ``subsample``
-draws from. The checks of the arguments that fix it live here too, so that a
-bad argument is refused while tracing, before anything is counted.
+bin count of the static count buffer, which displacements a ``subsample``
+draws from, and how the joint histograms are counted. The checks of the
+arguments that fix it live here too, so that a bad argument is refused while
+tracing, before anything is counted.
 
 Example:
   >>> from sgs_optax import _mi_plan
@@ -36,6 +37,8 @@ from sgs_optax import _geometry
 
 # Bin ids and per-cell counts are int32.
 _MAX_SAMPLES = 2**31 - 1
+# The ways ``_mi_counts`` can count joint histograms (``None``: by platform).
+COUNTINGS = ("scatter", "matmul")
 # A sampled pair (two gathered pixels) costs about as much as this many
 # counted pairs of the full-data path: a displacement whose sample would be
 # more than 1 / _GATHER_COST of its pairs counts them all instead, which is
@@ -55,6 +58,7 @@ class Plan(NamedTuple):
   offsets: tuple[tuple[int, ...], ...]  # the same in pixels (dilated)
   diagonal_removal: bool
   subsample: int | None
+  counting: str | None = None  # one of COUNTINGS, or None: by platform
 
   @property
   def padded(self) -> tuple[int, ...]:
@@ -161,10 +165,22 @@ def concrete_flag(flag: Any, name: str) -> bool:
   return bool(flag)
 
 
+def check_counting(counting: Any) -> str | None:
+  """``counting`` itself, if it names a way of counting (or is None)."""
+  if counting is not None and (
+      not isinstance(counting, str) or counting not in COUNTINGS):
+    choices = ", ".join(repr(c) for c in COUNTINGS)
+    raise ValueError(
+        f"counting must be one of {choices} or None (chosen by platform), "
+        f"got {counting!r}."
+    )
+  return counting
+
+
 def make_plan(
     shape: tuple[int, ...], kernel_size: Any, padding: Any, strides: Any,
     dilation: Any, padding_mode: str, diagonal_removal: bool,
-    subsample: int | None,
+    subsample: int | None, counting: str | None = None,
 ) -> Plan:
   """Checks the geometry and fixes every static quantity of the estimate."""
   if len(shape) not in (3, 4, 5):
@@ -183,7 +199,7 @@ def make_plan(
   plan = Plan(
       kernel_size, shape[0], spatial, pads, mode, taps,
       tuple(tuple(t * d for t, d in zip(tap, dilation)) for tap in taps),
-      diagonal_removal, subsample,
+      diagonal_removal, subsample, check_counting(counting),
   )
   if shape[0] * math.prod(plan.padded) > _MAX_SAMPLES:
     raise ValueError(

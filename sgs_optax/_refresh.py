@@ -21,6 +21,7 @@ import optax
 
 from sgs_optax import _dependence
 from sgs_optax import _kernels
+from sgs_optax import _mi_plan
 from sgs_optax import _spatial
 
 
@@ -259,7 +260,7 @@ def _check_record(name: str, record: ConvInput,
 
 
 def _dependence_of(records: Sequence[ConvInput], size, *, k,
-                   diagonal_removal) -> jax.Array:
+                   diagonal_removal, counting) -> jax.Array:
   """The dependence of several calls, each entry weighted by the pixels
   (N x spatial, unpadded) of the calls where it is defined."""
   total, weight = 0.0, 0.0
@@ -268,7 +269,7 @@ def _dependence_of(records: Sequence[ConvInput], size, *, k,
         record.inputs, size, padding=record.padding, k=k,
         diagonal_removal=diagonal_removal,
         dilation=record.dilation or 1, strides=record.strides or 1,
-        padding_mode=record.padding_mode)
+        padding_mode=record.padding_mode, counting=counting)
     pixels = float(np.prod(np.shape(record.inputs)[:-1]))
     defined = ~jnp.isnan(d)
     total = total + jnp.where(defined, pixels * d, 0.0)
@@ -324,6 +325,46 @@ def _new_matrix(name: str, matrix: jax.Array, info: _spatial.KernelInfo,
   return jnp.where(broken, matrix, new.astype(matrix.dtype))
 
 
+def _refreshed(
+    tables: list[_spatial.ScalingTable],
+    records: dict[str, tuple[ConvInput, ...]], **stats,
+) -> list[_spatial.ScalingTable]:
+  """Each learned table with every matrix recomputed from its records."""
+  return [table.replace({
+      name: _new_matrix(name, table[name], table.kernels[name],
+                        records[name], **stats)
+      for name in table}) for table in tables]
+
+
+_refreshed_jit = jax.jit(
+    _refreshed, static_argnames=("k", "diagonal_removal", "counting"))
+
+
+def _refreshed_on(
+    device: jax.Device, tables: list[_spatial.ScalingTable],
+    records: dict[str, tuple[ConvInput, ...]], **stats,
+) -> list[_spatial.ScalingTable]:
+  """`_refreshed`, jitted on `device`, with the matrices moved back.
+
+  Only the captured inputs and the learned matrices travel: the rest of the
+  optimizer state (momentum, parameter-sized) stays where it is.
+  """
+  if any(isinstance(x, jax.core.Tracer)
+         for x in jax.tree.leaves((tables, records))):
+    raise ValueError(
+        "refresh_scalings(..., device=...) moves the captured inputs to "
+        "that device and the matrices back, which a traced call cannot do: "
+        "call it outside jax.jit (it jits the refresh on the device itself), "
+        "or leave device=None to refresh where the inputs are."
+    )
+  # Committed to `device`, the inputs make the jit compile for it.
+  new = _refreshed_jit(*jax.device_put((tables, records), device), **stats)
+  back = lambda fresh, old: (
+      jax.device_put(fresh, old.sharding) if isinstance(old, jax.Array)
+      else np.asarray(fresh))
+  return jax.tree.map(back, new, tables)
+
+
 def _write_back(original: Any, refreshed: Any) -> Any:
   """NNX: update the Variables of ``original`` in place; else ``refreshed``."""
   nnx = sys.modules.get("flax.nnx")
@@ -341,6 +382,8 @@ def refresh_scalings(
     *,
     k: float = 5.0,
     diagonal_removal: bool = False,
+    counting: str | None = None,
+    device: jax.Device | None = None,
 ) -> optax.OptState:
   """Recomputes every learned SGS matrix from captured conv inputs.
 
@@ -362,7 +405,10 @@ def refresh_scalings(
   recompile.
 
   Jittable: ``jax.jit(refresh_scalings, static_argnames=("k",
-  "diagonal_removal"))``. Call it every few epochs, outside the train step.
+  "diagonal_removal", "counting"))``. Call it every few epochs, outside the
+  train step. With ``device`` (an eager call) the statistics are computed
+  on that device, typically the host's CPU while the accelerator trains, as
+  the paper's code does.
   A Flax NNX ``nnx.Optimizer``'s ``opt_state`` is accepted as it is and
   updated in place (and returned).
 
@@ -377,6 +423,16 @@ def refresh_scalings(
       are ignored.
     k: the NMI sharpening constant (5 in the paper).
     diagonal_removal: use the paper's ImageNet variant of the statistics.
+    counting: how the estimator counts its histograms, a static string:
+      ``"scatter"``, ``"matmul"``, or ``None`` (the default: scatter on CPU,
+      matmul on GPU and TPU, for the platform the refresh is compiled for).
+      Both give the same matrices; see :func:`spatial_dependence`.
+    device: if given, a ``jax.Device`` (e.g. ``jax.devices("cpu")[0]``): the
+      captured inputs and the learned matrices are moved there, the refresh
+      runs there, jitted, and each new matrix is moved back with its old
+      matrix's sharding. Only those arrays travel; the rest of the state
+      stays in place. Needs an eager call (not under ``jax.jit``). ``None``
+      (the default) computes where the inputs are.
 
   Returns:
     The optimizer state with new matrices.
@@ -386,12 +442,13 @@ def refresh_scalings(
       :class:`ConvInput` or not a parameter of the model; a learned kernel
       has no captured input; a captured input's rank, kernel size (in the
       conv's axis order), number of layers or channel count does not fit
-      its kernel, or it holds no pixels; or a captured conv's kernel was
-      left out by a learned state's layout string only because of its rank
+      its kernel, or it holds no pixels; a captured conv's kernel was left
+      out by a learned state's layout string only because of its rank
       (e.g. ``"HWIO"`` on an ``nn.scan`` model, whose kernels are
       ``"LHWIO"``): pass a layout tree, e.g. from
       :func:`sgs_optax.conv_layouts`, with ``None`` where a kernel is meant
-      to stay unscaled.
+      to stay unscaled; ``counting`` is unknown; or ``device`` is given
+      under a trace.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sgs_optax
@@ -404,6 +461,11 @@ def refresh_scalings(
     >>> matrix = sgs_optax.get_scalings(state)["conv"]["kernel"]
     >>> bool(matrix[1, 1] == matrix.max()), round(float(matrix.mean()), 4)
     (True, 1.0)
+    >>> on_host = sgs_optax.refresh_scalings(
+    ...     state, captured, device=jax.devices("cpu")[0])
+    >>> host_matrix = sgs_optax.get_scalings(on_host)["conv"]["kernel"]
+    >>> bool(jnp.allclose(host_matrix, matrix))
+    True
 
   References:
     Detkov et al., `Reparameterization through Spatial Gradient Scaling
@@ -412,15 +474,18 @@ def refresh_scalings(
   original, opt_state = opt_state, _kernels.plain_arrays(opt_state)
   records = _captured_inputs(_kernels.plain_arrays(captured))
   learned = _learned_states(opt_state)
-  _check_captured(records, [s.scalings for _, s in learned])
-  _check_rank_skipped(records, [s.scalings for _, s in learned])
-  stats = dict(k=k, diagonal_removal=diagonal_removal)
-  for path, state in learned:
-    table = state.scalings
-    new = table.replace({
-        name: _new_matrix(name, table[name], table.kernels[name],
-                          records[name], **stats)
-        for name in table})
+  tables = [s.scalings for _, s in learned]
+  _check_captured(records, tables)
+  _check_rank_skipped(records, tables)
+  stats = dict(k=k, diagonal_removal=diagonal_removal,
+               counting=_mi_plan.check_counting(counting))
+  # Inputs of convs that no learned state scales are ignored.
+  used = {name: records[name] for table in tables for name in table}
+  if device is None:
+    new_tables = _refreshed(tables, used, **stats)
+  else:
+    new_tables = _refreshed_on(device, tables, used, **stats)
+  for (path, state), new in zip(learned, new_tables):
     opt_state = optax.tree_utils.tree_set(
         opt_state, lambda p, _, path=path: p == path,
         SpatialScalingState=state._replace(scalings=new))

@@ -9,8 +9,10 @@ padded position, and bins with `np.histogram2d` over explicit per-variable
 explicit), with entropies in bits. It works for any number of spatial axes.
 """
 
+import functools
 import itertools
 import json
+import re
 import textwrap
 
 import jax
@@ -21,6 +23,7 @@ import pytest
 from _devices import run_on_devices
 from sgs_optax import _mi_counts
 from sgs_optax import _mi_pairs
+from sgs_optax import _mi_plan
 from sgs_optax._dependence import dependence_to_scaling
 from sgs_optax._dependence import spatial_dependence
 
@@ -266,12 +269,26 @@ GOLDEN_CASES = {
 DEGENERATE = ("no_pairs_valid_dilated",)
 
 
+@functools.cache
+def _golden_case(name):
+  x, _, golden_kwargs = GOLDEN_CASES[name]
+  return _golden(np.asarray(jnp.asarray(x, jnp.float32)), **golden_kwargs)
+
+
+def _both_countings(x, **kwargs):
+  """The estimate counted by scatter-adds and by one-hot products, which
+  must agree exactly: the counts are the same integers."""
+  scatter = np.asarray(spatial_dependence(x, counting="scatter", **kwargs))
+  matmul = np.asarray(spatial_dependence(x, counting="matmul", **kwargs))
+  np.testing.assert_array_equal(matmul, scatter)
+  return scatter
+
+
 @pytest.mark.parametrize("name", list(GOLDEN_CASES))
 def test_matches_golden(name):
-  x, kwargs, golden_kwargs = GOLDEN_CASES[name]
-  want = _golden(np.asarray(jnp.asarray(x, jnp.float32)), **golden_kwargs)
+  x, kwargs, _ = GOLDEN_CASES[name]
   got = np.asarray(spatial_dependence(x, **kwargs))
-  _assert_matches(got, want)
+  _assert_matches(got, _golden_case(name))
   centre = tuple(s // 2 for s in got.shape)
   assert got[centre] == 1.0
   flipped = got[tuple(slice(None, None, -1) for _ in got.shape)]
@@ -283,19 +300,29 @@ def test_matches_golden(name):
     assert off.size == 2 or np.ptp(off) > 0.01
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(GOLDEN_CASES))
+def test_both_countings_match_golden(name):
+  # Every case, counted by scatter-adds and by one-hot products.
+  x, kwargs, _ = GOLDEN_CASES[name]
+  _assert_matches(_both_countings(x, **kwargs), _golden_case(name))
+
+
 LOOPED = ["circular_dilation_2", "5x3_explicit_asymmetric_diagonal_removal",
           "3d_1x3x3_circular_asymmetric", "1d_causal_5_taps_dilated"]
 
 
 @pytest.mark.parametrize("name", LOOPED)
-def test_looping_over_displacements_matches_golden(name, tuning):
+@pytest.mark.parametrize("counting", [
+    None, pytest.param("matmul", marks=pytest.mark.slow)])
+def test_looping_over_displacements_matches_golden(name, counting, tuning):
   # Small windows are unrolled; force the loop used by large windows, with
   # tables split into one group per displacement.
   tuning(_mi_pairs, "UNROLLED_ROWS", 0)
   tuning(_mi_counts, "_GROUP_CELLS", 1)
-  x, kwargs, golden_kwargs = GOLDEN_CASES[name]
-  want = _golden(np.asarray(jnp.asarray(x, jnp.float32)), **golden_kwargs)
-  _assert_matches(spatial_dependence(x, **kwargs), want)
+  x, kwargs, _ = GOLDEN_CASES[name]
+  got = spatial_dependence(x, counting=counting, **kwargs)
+  _assert_matches(got, _golden_case(name))
 
 
 def test_golden_cases_are_not_trivial():
@@ -350,8 +377,16 @@ def test_batch_chunking_with_a_ragged_last_chunk(tuning):
   # shifted back to images 5-6 and its already counted image 5 masked out.
   x = _relu_blur((7, 5, 5, 3), 10)
   tuning(_mi_counts, "_CHUNK_ELEMENTS", 2 * 7 * 7 * 3)
+  # The matmul form's chunks are sized by their one-hot indicators: buf
+  # bins per pixel, for the 4 displacements of a step.
+  buf = _mi_plan.make_plan(x.shape, (3, 3), "SAME", 1, 1, "zeros", False,
+                           None).buf
+  tuning(_mi_counts, "_ONEHOT_ELEMENTS", 2 * 7 * 7 * 3 * buf * 4)
+  # Float32 sums of at most 5 pairs at once: a step's 72 or 84 pairs per
+  # channel and row in 15 or 17 pieces, the last padded with dropped pairs.
+  tuning(_mi_counts, "_EXACT_PAIRS", 5)
   for removal in (False, True):
-    got = spatial_dependence(x, diagonal_removal=removal)
+    got = _both_countings(x, diagonal_removal=removal)
     _assert_matches(got, _golden(x, diagonal_removal=removal))
 
 
@@ -457,6 +492,9 @@ def test_dependence_to_scaling():
          "positive"),
         ((np.ones((1, 6, 6, 2)),), dict(subsample=1.5, key=jax.random.key(0)),
          "subsample"),
+        ((np.ones((1, 6, 6, 2)),), dict(counting="onehot"),
+         "one of 'scatter', 'matmul' or None"),
+        ((np.ones((1, 6, 6, 2)),), dict(counting=("matmul",)), "counting"),
     ],
 )
 def test_bad_input_raises_value_error(args, kwargs, match):
@@ -540,10 +578,79 @@ def test_subsample_counts_the_drawn_pairs(removal, looped, tuning):
       whole, spatial_dependence(x, diagonal_removal=removal))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("removal, looped",
+                         [(False, False), (True, False), (True, True)])
+def test_subsample_counts_the_same_pairs_by_matmul(removal, looped, tuning):
+  if looped:
+    tuning(_mi_pairs, "UNROLLED_ROWS", 0)
+  x = _relu_blur((64, 12, 12, 2), 11)
+  key = jax.random.key(42)
+  got = _both_countings(x, subsample=2048, key=key, diagonal_removal=removal)
+  _assert_matches(got, _golden_sampled(x, key, 2048, removal))
+
+
+def _opcodes(hlo_text):
+  """The HLO instructions' opcodes (in every computation, fusions too)."""
+  return set(re.findall(r"= \S+ ([\w-]+)\(", hlo_text))
+
+
+COMPILED_CASES = {
+    # name: (input, spatial_dependence kwargs, golden)
+    "3x3": GOLDEN_CASES["dead_channel_3x3_same"][:2] + (
+        lambda: _golden_case("dead_channel_3x3_same"),),
+    "diagonal_removal": GOLDEN_CASES["dead_channel_diagonal_removal"][:2] + (
+        lambda: _golden_case("dead_channel_diagonal_removal"),),
+    "13x13_looped": GOLDEN_CASES["13x13_same"][:2] + (
+        lambda: _golden_case("13x13_same"),),
+    "5x5_subsample_looped": (
+        _relu_blur((16, 12, 12, 2), 26), dict(kernel_size=(5, 5),
+                                              subsample=256), None),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILED_CASES))
+def test_compiled_counting_paths(name):
+  # The matmul form has no scatter (which serialises on accelerators), the
+  # scatter form no dot; by default a CPU compile counts by scatter. Both
+  # give the same matrix.
+  x, kwargs, golden = COMPILED_CASES[name]
+  x = jnp.asarray(x)
+  key = jax.random.key(0) if "subsample" in kwargs else None
+  ops, got = {}, {}
+  for counting in ("scatter", "matmul", None):
+    fn = jax.jit(lambda v, key, counting=counting: spatial_dependence(
+        v, key=key, counting=counting, **kwargs))
+    compiled = fn.lower(x, key).compile()
+    ops[counting] = _opcodes(compiled.as_text())
+    got[counting] = np.asarray(compiled(x, key))
+  assert "scatter" in ops["scatter"] and "dot" not in ops["scatter"]
+  assert "dot" in ops["matmul"] and "scatter" not in ops["matmul"]
+  assert ops[None] == ops["scatter"]
+  np.testing.assert_array_equal(got["matmul"], got["scatter"])
+  np.testing.assert_array_equal(got[None], got["scatter"])
+  assert not np.isnan(got["scatter"]).any()
+  if golden is not None:
+    _assert_matches(got["matmul"], golden())
+
+
+def test_default_counting_follows_the_platform_compiled_for():
+  # Lowered (not run) for each platform: the default picks scatter-adds for
+  # CPU and one-hot products for GPU and TPU, in the same traced function.
+  fn = jax.jit(lambda v: spatial_dependence(v, diagonal_removal=True))
+  x = jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32)
+  for platform, form in (("cpu", "scatter"), ("cuda", "matmul"),
+                         ("rocm", "matmul"), ("tpu", "matmul")):
+    text = jax.export.export(fn, platforms=[platform])(x).mlir_module()
+    assert ("scatter" in text) == (form == "scatter"), platform
+    assert ("dot_general" in text) == (form == "matmul"), platform
+
+
 SHARDED_SCRIPT = textwrap.dedent(
     """
     import json
     import re
+    import sys
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -551,6 +658,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     from sgs_optax._dependence import spatial_dependence
 
     assert jax.device_count() == 8, jax.devices()
+    counting = sys.argv[1] if len(sys.argv) > 1 else None
     rng = np.random.default_rng(0)
 
     def maps(shape):
@@ -568,11 +676,14 @@ SHARDED_SCRIPT = textwrap.dedent(
         (maps((32, 10, 10, 3)), dict(subsample=512, key=jax.random.key(1)),
          P(("data", "fsdp")), (2, 4)),
     ]
-    out = {"checked": 0, "max_diff": 0.0, "gathers": [], "reduces": 0}
+    out = {"checked": 0, "max_diff": 0.0, "gathers": [], "reduces": 0,
+           "scatters": 0}
     for i, (x, kwargs, spec, shape) in enumerate(CASES):
+      # One device, by default (scatter-adds on CPU): the reference.
       plain = np.asarray(spatial_dependence(x, **kwargs))
       assert not np.isnan(plain).any() and not np.allclose(plain, 1.0)
-      fn = jax.jit(lambda v: spatial_dependence(v, **kwargs))
+      fn = jax.jit(lambda v: spatial_dependence(v, counting=counting,
+                                                **kwargs))
       names = ("data", "fsdp")[:len(shape)]
       # Automatic axes for every case, explicit ones for a few.
       for kind in (jax.sharding.AxisType.Auto,
@@ -587,27 +698,33 @@ SHARDED_SCRIPT = textwrap.dedent(
         # No map crosses devices; the count tables are reduced.
         out["gathers"] += re.findall(r"all-gather[^\\n]*", text)
         out["reduces"] += "all-reduce" in text
+        out["scatters"] += " scatter(" in text
         out["checked"] += 1
     # Eager, outside any mesh context: the same answer.
     mesh = jax.make_mesh((8,), ("data",))
     x = CASES[0][0]
     eager = spatial_dependence(
-        jax.device_put(x, NamedSharding(mesh, P("data"))))
+        jax.device_put(x, NamedSharding(mesh, P("data"))), counting=counting)
     out["eager_diff"] = float(np.abs(eager - spatial_dependence(x)).max())
     print(json.dumps(out))
     """
 )
 
 
-def test_batch_sharded_inputs_are_counted_where_they_are(tmp_path):
+@pytest.mark.parametrize("counting", [
+    None, pytest.param("matmul", marks=pytest.mark.slow)])
+def test_batch_sharded_inputs_are_counted_where_they_are(counting, tmp_path):
   script = tmp_path / "sharded.py"
   script.write_text(SHARDED_SCRIPT)
-  out = json.loads(run_on_devices(str(script)).stdout.splitlines()[-1])
+  argv = [str(script)] + ([counting] if counting else [])
+  out = json.loads(run_on_devices(*argv).stdout.splitlines()[-1])
   assert out["checked"] == 8
   # Integer tables and exact extrema are reduced: the same matrix.
   assert out["max_diff"] < 1e-6 and out["eager_diff"] < 1e-6
   # Batch-sharded maps are never gathered; their count tables are reduced.
   assert out["gathers"] == [] and out["reduces"] == 8
+  # On CPU the default counts by scatter-adds; the matmul form never does.
+  assert out["scatters"] == (0 if counting == "matmul" else 8)
 
 
 @pytest.mark.slow
@@ -630,3 +747,24 @@ def test_speed_benchmark_tiny_run(tmp_path):
   assert large["13x13"]["offsets"] == 84 and large["31-tap"]["offsets"] == 15
   assert all(r["wall_s"]["large"] > 0 and r["temp_bytes"] > 0
              for r in large.values())
+
+
+@pytest.mark.slow
+def test_speed_benchmark_counting_and_refresh_tiny_runs(tmp_path):
+  from benchmarks import mi_speed  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "counting.json"
+  results = mi_speed.main(["--counting", "--tiny", "--out", str(out)])
+  counting = json.loads(out.read_text())["counting"]
+  assert counting == json.loads(json.dumps(results["counting"]))
+  assert counting["identical"] and counting["n_images"] == 16
+  assert len(counting["layers"]) == len(mi_speed.TINY_CONV_INPUTS)
+  assert all(t > 0 for t in counting["total_wall_s"].values())
+  assert counting["matmul_over_scatter"] > 0
+  # One refresh jitted in place and one on a given device: same timings'
+  # keys, temporaries only where it is compiled ahead.
+  here = mi_speed.run_refresh("resnet18", n=4, repeats=1, tiny=True)
+  there = mi_speed.run_refresh("resnet18", n=4, repeats=1, tiny=True,
+                               device=jax.devices()[0])
+  assert here["temp_bytes"] > 0 and there["temp_bytes"] is None
+  assert all(r["run_s"] > 0 and r["compile_s"] >= 0 for r in (here, there))

@@ -513,3 +513,44 @@ def test_case7_zero_size_inputs():
     with pytest.raises(ValueError, match="'v'.*hold no pixels"):
       sgs_optax.refresh_scalings(state, {"w": record(jnp.zeros((2, 6, 6, 0))),
                                          "v": record(empty)})
+
+
+def test_both_counting_paths_give_the_same_matrices():
+  _, params, _, captured = setup()
+  state = sgs_optax.sgs().init(params)
+  refresh = jax.jit(sgs_optax.refresh_scalings,
+                    static_argnames=("diagonal_removal", "counting"))
+  for removal in (False, True):
+    got = {counting: sgs_optax.get_scalings(refresh(
+        state, captured, diagonal_removal=removal, counting=counting))
+           for counting in ("scatter", "matmul")}
+    for name, size in (("stem", (3, 3)), ("wide", (3, 5))):
+      matmul = np.asarray(got["matmul"][name]["kernel"])
+      np.testing.assert_array_equal(matmul, got["scatter"][name]["kernel"])
+      want = expected_scaling(captured[name]["kernel"], size,
+                              diagonal_removal=removal)
+      np.testing.assert_allclose(matmul, want, rtol=1e-6)
+  with pytest.raises(ValueError, match="one of 'scatter', 'matmul' or None"):
+    sgs_optax.refresh_scalings(state, captured, counting="histogram")
+
+
+def test_refresh_on_a_given_device_equals_the_refresh_in_place():
+  _, params, _, captured = setup()
+  tx = optax.chain(sgs_optax.sgs(), optax.sgd(0.1, momentum=0.9))
+  state = tx.init(params)
+  here = sgs_optax.refresh_scalings(state, captured)
+  host = jax.devices("cpu")[-1]
+  there = sgs_optax.refresh_scalings(state, captured, device=host)
+  for name in ("stem", "wide"):
+    got = sgs_optax.get_scalings(there)[name]["kernel"]
+    want = sgs_optax.get_scalings(here)[name]["kernel"]
+    assert not np.allclose(got, 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got.sharding == state[0].scalings[f"{name}/kernel"].sharding
+  # Only the learned matrices were replaced: the momentum is the same arrays.
+  assert all(a is b for a, b in zip(jax.tree.leaves(there[1]),
+                                    jax.tree.leaves(state[1])))
+  # Moving arrays between devices needs an eager call.
+  with pytest.raises(ValueError, match="outside jax.jit"):
+    jax.jit(lambda s, c: sgs_optax.refresh_scalings(s, c, device=host))(
+        state, captured)

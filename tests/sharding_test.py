@@ -10,12 +10,16 @@ and writes one JSON record per check; the tests below assert on them:
   them runs;
 * an unpinned jitted step and an unpinned jitted refresh give every output
   leaf (updates, momentum, SGS matrices) the sharding of its input;
+* a refresh computed on another device (`device=`, as on the host's CPU
+  while an accelerator trains; here every device is a CPU) gives the same
+  matrices and every leaf of the state keeps its sharding;
 * an orbax checkpoint of the sharded state restores onto the same mesh with
   every leaf's sharding and value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -31,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 import sgs_optax
 from _devices import run_on_devices
+from sgs_optax import _refresh
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
@@ -95,6 +100,25 @@ def captured_inputs(mesh):
           "both": {"kernel": record(small)}}
 
 
+@contextlib.contextmanager
+def computed_on():
+  """Lists the devices holding the result of each jitted refresh computation
+  (before its matrices are moved back)."""
+  inner, devices = _refresh._refreshed_jit, []
+
+  def spy(*args, **kwargs):
+    out = inner(*args, **kwargs)
+    devices.append(sorted({d.id for x in jax.tree.leaves(out)
+                           for d in x.devices()}))
+    return out
+
+  _refresh._refreshed_jit = spy
+  try:
+    yield devices
+  finally:
+    _refresh._refreshed_jit = inner
+
+
 def chain_records(mode_name, mesh, name, tx):
   params, param_shardings = make_tree(0, mesh)
   grads, _ = make_tree(1, mesh)
@@ -118,6 +142,19 @@ def chain_records(mode_name, mesh, name, tx):
         kind="refresh", mode=mode_name, chain=name,
         state_kept=kept(shardings, refreshed),
         learned=not np.allclose(np.asarray(matrices["in"]["kernel"]), 1.0)))
+    host = jax.devices()[-1]
+    with computed_on() as devices:
+      on_host = sgs_optax.refresh_scalings(
+          new_state, captured_inputs(mesh), device=host)
+    diffs = jax.tree.map(
+        lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+        sgs_optax.get_scalings(on_host), matrices)
+    records.append(dict(
+        kind="host_refresh", mode=mode_name, chain=name,
+        state_kept=kept(shardings, on_host),
+        max_diff=max(jax.tree.leaves(diffs)),
+        matrices=len(jax.tree.leaves(diffs)),
+        on_the_device=devices == [[host.id]]))
     records.append(checkpoint_record(mode_name, params, refreshed,
                                      param_shardings, shardings))
   return records
@@ -183,6 +220,13 @@ def test_tree_map_params_shardings_are_accepted_and_kept_by_every_chain(
 def test_refresh_keeps_every_sharding_and_learns(records):
   for r in _of(records, "refresh"):
     assert r["state_kept"] and r["learned"], r
+
+
+@pytest.mark.slow
+def test_refresh_on_another_device_keeps_every_sharding(records):
+  for r in _of(records, "host_refresh"):
+    assert r["state_kept"] and r["on_the_device"], r
+    assert r["max_diff"] < 1e-6 and r["matrices"] == 3, r
 
 
 @pytest.mark.slow
