@@ -52,7 +52,7 @@ from sgs_optax._kernels import resolve_layouts
 SOLVERS = tuple(solvers.SOLVERS)
 # How many arrays each solver's operands hold (custom_partitioning needs a
 # sharding rule per operand).
-_OPERAND_COUNT = {"fft": 1, "dense": 1, "tridiagonal": 4}
+_OPERAND_COUNT = {"fft": 1, "dense": 1, "tridiagonal": 3}
 
 # The default `smoothing` of each metric (see `_channel_solvers.METRICS`).
 DEFAULT_SMOOTHING = {

@@ -254,6 +254,25 @@ def dense_operator(
 
   Returns:
     The operator; ``rows @ operator`` applies ``G^{-1}`` to each row.
+
+  Examples:
+    ``sobolev`` with ``lam = 1`` on a ring of 4 channels is the inverse of
+    ``I - L``, 3 on the diagonal and -1 for each neighbour:
+
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from sgs_optax import _channel_solvers as solvers
+    >>> lam = jnp.float32(1.0)
+    >>> op = solvers.dense_operator(4, lam, 'sobolev', 'periodic')
+    >>> print(np.round(np.asarray(op), 3))
+    [[0.467 0.2   0.133 0.2  ]
+     [0.2   0.467 0.2   0.133]
+     [0.133 0.2   0.467 0.2  ]
+     [0.2   0.133 0.2   0.467]]
+    >>> blocks = solvers.tridiagonal_operands(4, lam, 'sobolev', 'periodic')
+    >>> rows = solvers.tridiagonal_rows(jnp.eye(4), blocks, 'periodic')
+    >>> print(np.round(np.asarray(rows[0]), 3))
+    [0.467 0.2   0.133 0.2  ]
   """
   basis, mu = _basis(n, boundary)
   m = multipliers(mu, lam, metric).astype(lam.dtype)
@@ -349,9 +368,9 @@ def tridiagonal_operands(
     boundary: one of :data:`BOUNDARIES`.
 
   Returns:
-    ``(inner, sums, carry, spread)``: the ``(b, b)`` in-block matrix, the
-    ``(b, 2)`` block-sum weights, the ``(2 n / b, 2 n / b)`` carry matrix and
-    the ``(2, b)`` weights that spread the carries into a block.
+    ``(inner, carry, spread)``: the ``(b, b)`` in-block matrix, the ``(2 n /
+    b, 2 n / b)`` carry matrix and the ``(2, b)`` weights that spread the
+    carries into a block.
   """
   if not metric_of(metric).tridiagonal:
     raise ValueError(f"metric={metric!r} is not tridiagonal.")
@@ -366,15 +385,13 @@ def tridiagonal_operands(
   log_r = jnp.where(r > 0.5, jnp.log1p(-(1 + root) / (2 * c)), jnp.log(r))
   i = np.arange(b)
   inner = _powers(log_r, np.abs(i[:, None] - i[None, :])) / root
-  # Each block's causal sum at its end and anti-causal sum at its start.
-  sums = jnp.stack([_powers(log_r, b - 1 - i), _powers(log_r, i)], axis=1)
   # A carry travelling d blocks around the period: q^d / (1 - q^period),
-  # q = r^b.
+  # q = r^b. It applies to block sums that `inner` already divided by root.
   travel = _powers(log_r, b * np.arange(blocks.period)) / -jnp.expm1(
       b * blocks.period * log_r)
-  carry = travel[blocks.distance] * blocks.mask / root
+  carry = travel[blocks.distance] * blocks.mask
   spread = jnp.stack([_powers(log_r, i + 1), _powers(log_r, b - i)])
-  return inner, sums, carry, spread
+  return inner, carry, spread
 
 
 def tridiagonal_rows(
@@ -392,14 +409,15 @@ def tridiagonal_rows(
   """
   del boundary
   count, n = rows.shape
-  inner, sums, carry, spread = (a.astype(rows.dtype) for a in operands)
+  inner, carry, spread = (a.astype(rows.dtype) for a in operands)
   b = inner.shape[0]
-  blocks = rows.reshape(count, n // b, b)
   dot = functools.partial(jnp.matmul, precision=_HIGHEST)
-  ends = dot(blocks, sums).reshape(count, 2 * (n // b))
-  left, right = jnp.split(dot(ends, carry), 2, axis=-1)
-  out = (dot(blocks, inner) + left[..., None] * spread[0]
-         + right[..., None] * spread[1])
+  within = dot(rows.reshape(count, n // b, b), inner)
+  # inner[i, k] = r^|i - k| / root: the last column of each block holds its
+  # causal sum at its end, the first its anti-causal sum at its start.
+  ends = jnp.stack([within[..., -1], within[..., 0]], axis=-1)
+  left, right = jnp.split(dot(ends.reshape(count, -1), carry), 2, axis=-1)
+  out = within + left[..., None] * spread[0] + right[..., None] * spread[1]
   return out.reshape(count, n)
 
 

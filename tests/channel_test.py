@@ -89,18 +89,18 @@ def run(tx, updates, params=None, jit=True):
 
 
 # Kernels of both layouts and widths whose tridiagonal blocks differ: one
-# block (2, 3, 5), several (6: 2 blocks of 3; 64: 8 of 8; 100: 10 of 10).
+# block (5), several (6: 2 blocks of 3; 64: 8 of 8; 100: 10 of 10).
 SOLVE_CASES = {
-    "hwio2": ("HWIO", 2), "hwio5": ("HWIO", 5), "hwio6": ("HWIO", 6),
-    "oihw3": ("OIHW", 3), "oihw6": ("OIHW", 6), "hwio64": ("HWIO", 64),
-    "oihw100": ("OIHW", 100),
+    "hwio5": ("HWIO", 5), "hwio6": ("HWIO", 6), "oihw6": ("OIHW", 6),
+    "hwio64": ("HWIO", 64), "oihw100": ("OIHW", 100),
 }
 
 
-def _solve_case(metric, boundary, lam, dtype, seed=0):
+def _solve_case(metric, boundary, lam, dtype, seed=0, names=SOLVE_CASES):
   rng = np.random.default_rng(seed)
   grads, layouts, want = {}, {}, {}
-  for name, (layout, n) in SOLVE_CASES.items():
+  for name in names:
+    layout, n = SOLVE_CASES[name]
     g = rng.standard_normal(kernel_shape(layout, n, spatial=(2, 3)))
     grads[name], layouts[name] = jnp.asarray(g, dtype), layout
     want[name] = apply_along(dense_inverse_metric(n, lam, metric, boundary),
@@ -130,7 +130,8 @@ def test_solvers_agree_to_relative_1e5_in_float32(metric, boundary):
   # Relative to the largest value of each kernel's update.
   lam = 0.6 if metric == "sobolev" else 3.0
   grads, layouts, want = _solve_case(metric, boundary, lam, jnp.float32,
-                                     seed=1)
+                                     seed=1, names=("oihw6", "hwio64",
+                                                    "oihw100"))
   outs = {solver: run(cdg(lam, metric=metric, boundary=boundary,
                           solver=solver, kernel_layout=layouts), grads)
           for solver in solvers_for(metric)}
@@ -149,7 +150,7 @@ def test_tridiagonal_blocks_over_widths_and_strengths(boundary):
   lams = np.array([1e-4, 0.3, 1.0, 25.0, 1e4])
   rng = np.random.default_rng(5)
   with jax.enable_x64(True):
-    for n in (2, 3, 4, 7, 12, 30, 97, 128):
+    for n in (2, 3, 7, 12, 97, 128):
       g = rng.standard_normal((4, n))
       tx = lambda lam: cdg(lam, boundary=boundary, solver="tridiagonal",
                            kernel_layout={"k": "IO"})
