@@ -20,15 +20,16 @@ The solvers, all reading that table, apply ``G^{-1}`` to the rows of a 2-D
   basis above), applied as one matrix product; ``O(n)`` per channel, on the
   matrix units of an accelerator.
 * ``"tridiagonal"``: only for ``sobolev``, where ``G = I - lam L`` is
-  tridiagonal (cyclic when periodic). Its inverse is
-  ``K_{ik} = (r^|i-k| + ...) / sqrt(1 + 4 lam)``, a sum of geometric
-  sequences with ratio ``r < 1``: the row is split into blocks of ``b``
-  channels, each block multiplied by the ``b x b`` matrix ``r^|i-k|``, and
-  what crosses block borders is carried by a small matrix over block sums.
-  ``O(b)`` per channel, a few passes over memory. Reflecting ends are the
-  periodic solve of the even extension ``[x, flip(x)]`` (length ``2 n``),
-  which needs no copy: the flipped blocks' sums are the original blocks'
-  sums read from the other end.
+  tridiagonal (cyclic when periodic). Entry ``(i, k)`` of its inverse is
+  ``r^d`` summed over the periodic images ``d`` of ``|i - k|``, divided by
+  ``sqrt(1 + 4 lam)``, for a ratio ``0 <= r < 1`` set by ``lam``. So the row
+  is split into blocks of ``b`` channels, each block is multiplied by the
+  ``b x b`` matrix ``r^|i - k|``, and what crosses block borders travels as
+  geometric sums carried by a small matrix over the blocks' end values:
+  ``O(b)`` operations per channel and a few passes over memory. Reflecting
+  ends are the periodic solve of the even extension ``[x, flip(x)]``
+  (``2 n`` channels), which needs no copy: a flipped block's end values are
+  the original block's, read from the other end.
 
 Numbers that depend only on ``n`` (eigenvalues, bases, block index tables)
 are float64 numpy, cached; what depends on ``lam`` is jnp, so ``lam`` may be
