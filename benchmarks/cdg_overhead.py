@@ -22,7 +22,7 @@ Run from the repository root::
 
   python -m benchmarks.cdg_overhead                    # ResNet-18 kernels
   python -m benchmarks.cdg_overhead --step             # and step shares
-  python -m benchmarks.cdg_overhead --tiny             # a seconds-long smoke run
+  python -m benchmarks.cdg_overhead --tiny             # a smoke run
 """
 
 from __future__ import annotations

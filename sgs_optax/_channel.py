@@ -50,9 +50,6 @@ from sgs_optax._kernels import plain_arrays
 from sgs_optax._kernels import resolve_layouts
 
 SOLVERS = tuple(solvers.SOLVERS)
-# How many arrays each solver's operands hold (custom_partitioning needs a
-# sharding rule per operand).
-_OPERAND_COUNT = {"fft": 1, "dense": 1, "tridiagonal": 3}
 
 # The default `smoothing` of each metric (see `_channel_solvers.METRICS`).
 DEFAULT_SMOOTHING = {
@@ -130,17 +127,18 @@ def _spread_operands(x: jax.Array, *operands: jax.Array, **kwargs):
 
 
 @functools.lru_cache(maxsize=None)
-def _auto_partitioned_solve(ndim: int, solver: str, boundary: str):
-  """``_swap_and_solve`` for ``ndim``-D operands, partitioned by XLA.
+def _auto_partitioned_solve(ndim: int, count: int, solver: str,
+                            boundary: str):
+  """``_swap_and_solve`` for ``ndim``-D ``x`` and ``count`` operands.
 
-  Returns ``solve(x, operands)`` that also works under ``jax.vmap`` and
-  differentiation, which ``custom_partitioning`` alone does not support.
+  Returns ``solve(x, operands)``, partitioned by XLA, that also works under
+  ``jax.vmap`` and differentiation, which ``custom_partitioning`` alone does
+  not support.
   """
   plain = functools.partial(_swap_and_solve, channel_axes=None,
                             solver=solver, boundary=boundary)
   # Must not close over array constants (custom_partitioning rejects them):
   # the solver's matrices are operands, each a replicated 2-D array.
-  count = _OPERAND_COUNT[solver]
   partitioned = custom_partitioning(functools.partial(
       _spread_operands, channel_axes=None, solver=solver, boundary=boundary))
   factors = " ".join(f"a{i}" for i in range(ndim))
@@ -162,14 +160,15 @@ def _auto_partitioned_solve(ndim: int, solver: str, boundary: str):
       m_axes = tuple(0 if b else None for b in in_batched[1])
       return jax.vmap(plain, in_axes=(0, m_axes))(x, m), True
     # The batch axis leads: one more fibre axis.
-    return _auto_partitioned_solve(ndim + 1, solver, boundary)(x, m), True
+    return _auto_partitioned_solve(ndim + 1, count, solver, boundary)(
+        x, m), True
 
   solve = jax.custom_jvp(lambda x, m: batchable(x, m))
 
   @solve.defjvp
   def _(primals, tangents):
-    # Linear in each operand; the tangent (only under differentiation through
-    # the optimizer) is left to XLA's partitioning.
+    # The tangent (only under differentiation through the optimizer) is the
+    # unpartitioned solve's own, left to XLA's partitioning.
     return batchable(*primals), jax.jvp(plain, primals, tangents)[1]
 
   return solve
@@ -184,7 +183,8 @@ def _sharded_solve(
   if not any(spec):
     # Replicated, or automatic sharding (invisible while tracing): the
     # partitioner reports it to `_partition`.
-    return _auto_partitioned_solve(x.ndim, solver, boundary)(x, operands)
+    solve = _auto_partitioned_solve(x.ndim, len(operands), solver, boundary)
+    return solve(x, operands)
   local = functools.partial(_swap_and_solve, channel_axes=spec[-1],
                             solver=solver, boundary=boundary)
   return jax.shard_map(
@@ -468,10 +468,9 @@ def channel_directed_gradients(
 
     >>> out = {solver: sgs_optax.cdg(solver=solver).update(grads, None)[0]
     ...        for solver in ('fft', 'dense', 'tridiagonal')}
-    >>> print(np.round(np.asarray(out['dense']['conv']['kernel'][0, 0, 0]), 3))
+    >>> for solver in ('dense', 'tridiagonal'):
+    ...   print(np.round(np.asarray(out[solver]['conv']['kernel'][0, 0, 0]), 3))
     [2.867 1.8   1.533 1.8  ]
-    >>> print(np.round(np.asarray(out['tridiagonal']['conv']['kernel'][0, 0, 0]),
-    ...                3))
     [2.867 1.8   1.533 1.8  ]
 
     With :func:`optax.inject_hyperparams`, pass the non-numeric arguments

@@ -136,7 +136,7 @@ def usable_smoothing(
 
 
 def multipliers(mu: np.ndarray, lam: jax.Array, metric: str) -> jax.Array:
-  """``m`` for the modes with eigenvalues ``mu`` (static); ``mu = 0`` keeps 1."""
+  """``m`` for the modes with eigenvalues ``mu`` (static); ``m = 1`` at 0."""
   mean = (mu == 0).astype(np.float64)
   positive = mu[mu > 0]
   mu_1 = positive.min() if positive.size else 1.0
