@@ -57,9 +57,18 @@ DEFAULT_SMOOTHING = {
 }
 
 
-def _cpu_solver(metric: str) -> str:
+# Above this many multiply-adds per channel (widths like a large prime, whose
+# blocks degenerate into a dense product), "tridiagonal" is not used by
+# default. Widths with a divisor near sqrt(n) cost 10 to 40.
+_MOST_TRIDIAGONAL_COST = 50
+
+
+def _cpu_solver(metric: str, n: int) -> str:
   """``solver=None`` on CPU: the fastest exact solver, as measured."""
-  return "tridiagonal" if METRICS[metric].tridiagonal else "fft"
+  if (METRICS[metric].tridiagonal
+      and solvers.tridiagonal_cost(n) <= _MOST_TRIDIAGONAL_COST):
+    return "tridiagonal"
+  return "fft"
 
 
 def _swap_and_solve(
@@ -256,7 +265,7 @@ def _transform(
   n, boundary = g.shape[axis], operands.boundary
   x = jnp.moveaxis(x, axis, -1)
   if solver is None:
-    cpu = _cpu_solver(operands.metric)
+    cpu = _cpu_solver(operands.metric, n)
     # Both branches are traced, one is lowered: the other's operand (built
     # outside, so channel counts share it) is dead code there.
     y = jax.lax.platform_dependent(

@@ -190,6 +190,15 @@ def test_compiled_operations_of_each_solver(boundary):
   assert counts("reweighted_l2", "dense") == (0, 0)  # A closed form.
 
 
+def test_default_on_cpu_avoids_tridiagonal_blocks_of_a_prime_width():
+  # 131 channels: one block of 131, a dense product in disguise.
+  g = {"k": randn(3, (1, 1, 2, 131))}
+  text = {s: jax.jit(lambda g, s=s: cdg(solver=s).update(g, None)[0]).lower(
+      g).compile().as_text() for s in (None, "fft")}
+  assert _op_counts(text[None]) == _op_counts(text["fft"])
+  assert _op_counts(text[None])[0] >= 2
+
+
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_default_solver_on_accelerators_is_dense(platform):
   # Lowered for a platform this machine lacks: platform_dependent resolves
