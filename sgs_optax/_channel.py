@@ -12,7 +12,8 @@ ones derived in the package's specification from its description.
 Which solver: ``solver=None`` chooses where the update is compiled, with
 :func:`jax.lax.platform_dependent` (a Python check of the default backend
 would be wrong for an update jitted onto another device): on CPU the
-tridiagonal solve for ``sobolev`` and the FFT otherwise (side-by-side timings
+tridiagonal solve for ``sobolev`` (unless the width is, e.g., a large prime)
+and the FFT otherwise (side-by-side timings
 in ``benchmarks/cdg_overhead.py``); on GPU and TPU the dense operator, one
 matrix product per kernel, until a device run measures otherwise.
 
@@ -386,8 +387,10 @@ def channel_directed_gradients(
   channels, a few passes over memory. ``"reweighted_l2"`` is a closed form
   whatever the solver. ``None`` chooses where the update is compiled
   (:func:`jax.lax.platform_dependent`): on CPU ``"tridiagonal"`` for
-  ``sobolev`` and ``"fft"`` otherwise, the fastest there; on GPU and TPU
-  ``"dense"``, until a device run measures otherwise.
+  ``sobolev`` and ``"fft"`` otherwise, the fastest there (and ``"fft"`` for
+  a width without a divisor near its square root, such as a large prime,
+  where the blocks degenerate); on GPU and TPU ``"dense"``, until a device
+  run measures otherwise.
 
   A traced ``smoothing`` (under :func:`jax.jit`, e.g. from
   :func:`optax.inject_hyperparams`) cannot be validated, so it is mapped into
