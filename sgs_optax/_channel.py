@@ -13,9 +13,9 @@ Which solver: ``solver=None`` chooses where the update is compiled, with
 :func:`jax.lax.platform_dependent` (a Python check of the default backend
 would be wrong for an update jitted onto another device): on CPU the
 tridiagonal solve for ``sobolev`` (unless the width is, e.g., a large prime)
-and the FFT otherwise (side-by-side timings
-in ``benchmarks/cdg_overhead.py``); on GPU and TPU the dense operator, one
-matrix product per kernel, until a device run measures otherwise.
+and the FFT otherwise (side-by-side timings in ``benchmarks/cdg_overhead.py``);
+on GPU and TPU the dense operator, one matrix product per kernel, until a
+device run measures otherwise.
 
 Sharding: every solver needs whole fibres. When the output-channel axis of a
 kernel is sharded over a mesh, each device's block is flattened to fibres and
