@@ -64,7 +64,7 @@ class Metric(NamedTuple):
       eigenvalues ``mu > 0`` (arithmetic only, so numpy and jax values both
       work).
     default_smoothing: the ``smoothing`` used when none is given.
-    least_smoothing: the smallest ``lam`` under which no mode is amplified
+    least_smoothing: the smallest ``lam`` at which no mode is amplified
       (0 for ``sobolev``, where it means no smoothing).
     mean_and_rest: whether ``G^{-1}`` only keeps the mean and scales the rest,
       a closed form that needs no solver (and no whole fibres).
