@@ -1,12 +1,15 @@
 r"""Per-device memory of the cdg update on kernels sharded by output channel.
 
-For each kernel and mesh kind, compiles ``jax.jit(cdg(...).update)`` on a
+For each kernel, mesh kind and solver (``None``, the platform's default,
+``"fft"`` and ``"dense"``), compiles ``jax.jit(cdg(...).update)`` on a
 gradient sharded along its output channels over the ``model`` axis of a
 ``(data=2, model=4)`` mesh, and reports the whole kernel's bytes, the compiled
 per-device temporaries (``compiled.memory_analysis().temp_size_in_bytes``),
 their ratio, and whether the compiled HLO holds an ``all-gather``. Beside it,
 in the same run, the same transform after gathering the channel axis (what
-cdg did before it swapped sharded axes): the baseline.
+cdg did before it swapped sharded axes): the baseline. The dense solver's
+``O x O`` operator is a compile-time constant here (a concrete smoothing), so
+it is not among the temporaries; its size is given beside them.
 
 Run from the repository root, on 8 simulated CPU devices::
 
@@ -17,6 +20,7 @@ Run from the repository root, on 8 simulated CPU devices::
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -30,6 +34,7 @@ from benchmarks import _report
 from sgs_optax import cdg
 
 KERNELS = ((3, 3, 64, 256), (3, 3, 256, 512), (3, 3, 3, 64))
+SOLVERS = (None, "fft", "dense")
 MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
 SPEC = P(None, None, None, "model")  # HWIO, output channels over `model`.
 
@@ -70,11 +75,12 @@ def run(kernels: Sequence[tuple[int, ...]], boundaries: Sequence[str]):
       for shape in kernels:
         g = jnp.ones(shape, jnp.float32)
         grads = {"k": jax.device_put(g, NamedSharding(mesh, SPEC))}
-        for boundary in boundaries:
-          tx = cdg(boundary=boundary)
+        for boundary, solver in itertools.product(boundaries, SOLVERS):
+          tx = cdg(boundary=boundary, solver=solver)
           rows.append({
               "mesh": mode_name, "kernel": list(shape), "boundary": boundary,
-              "kernel_bytes": g.nbytes,
+              "solver": solver, "kernel_bytes": g.nbytes,
+              "operator_bytes": 4 * shape[-1]**2 if solver == "dense" else 0,
               "cdg": measure(tx.update, grads),
               "gathered": measure(gathered(tx, mesh), grads),
           })
@@ -84,14 +90,18 @@ def run(kernels: Sequence[tuple[int, ...]], boundaries: Sequence[str]):
 def table(rows) -> str:
   """A markdown table: temporaries as MiB and as a multiple of the kernel."""
   lines = [
-      "| mesh | kernel (HWIO) | boundary | whole kernel | cdg: temporaries "
-      "per device | all-gather | gathered first: temporaries | all-gather |",
-      "|---|---|---|---|---|---|---|---|",
+      "| mesh | kernel (HWIO) | boundary | solver | whole kernel | cdg: "
+      "temporaries per device | all-gather | gathered first: temporaries | "
+      "all-gather |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
   mib = lambda b: f"{b / 2**20:.3g} MiB"
   for r in rows:
+    solver = r["solver"] or "default"
+    if r["operator_bytes"]:
+      solver += f" ({mib(r['operator_bytes'])} operator)"
     cells = [r["mesh"], "x".join(map(str, r["kernel"])), r["boundary"],
-             mib(r["kernel_bytes"])]
+             solver, mib(r["kernel_bytes"])]
     for variant in ("cdg", "gathered"):
       m = r[variant]
       ratio = m["temp_bytes"] / r["kernel_bytes"]

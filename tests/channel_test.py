@@ -1,8 +1,12 @@
 """Tests for sgs_optax._channel (Channel-Directed Gradients).
 
 Golden values come from dense n x n matrices built from each metric's
-definition and applied with numpy, never from the FFT code under test.
+definition (the Laplacian written out entry by entry, inverted by numpy) and
+applied with numpy, never from the solvers under test.
 """
+
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +20,13 @@ from sgs_optax._channel import channel_directed_gradients
 
 METRICS = ("sobolev", "reweighted_l2", "reweighted_sobolev")
 BOUNDARIES = ("periodic", "neumann")
+SOLVERS = (None, "fft", "dense", "tridiagonal")
 LAYOUT_AXIS = {"HWIO": 3, "OIHW": 0}
+
+
+def solvers_for(metric):
+  """The solvers ``metric`` accepts: "tridiagonal" solves sobolev only."""
+  return [s for s in SOLVERS if s != "tridiagonal" or metric == "sobolev"]
 
 
 # ----------------------------------------------------------------------------
@@ -78,22 +88,142 @@ def run(tx, updates, params=None, jit=True):
 # Correctness against the dense solve.
 
 
+# Kernels of both layouts and widths whose tridiagonal blocks differ: one
+# block (5), several (6: 2 blocks of 3; 64: 8 of 8; 100: 10 of 10).
+SOLVE_CASES = {
+    "hwio5": ("HWIO", 5), "hwio6": ("HWIO", 6), "oihw6": ("OIHW", 6),
+    "hwio64": ("HWIO", 64), "oihw100": ("OIHW", 100),
+}
+
+
+def _solve_case(metric, boundary, lam, dtype, seed=0, names=SOLVE_CASES):
+  rng = np.random.default_rng(seed)
+  grads, layouts, want = {}, {}, {}
+  for name in names:
+    layout, n = SOLVE_CASES[name]
+    g = rng.standard_normal(kernel_shape(layout, n, spatial=(2, 3)))
+    grads[name], layouts[name] = jnp.asarray(g, dtype), layout
+    want[name] = apply_along(dense_inverse_metric(n, lam, metric, boundary),
+                             g, LAYOUT_AXIS[layout])
+  return grads, layouts, want
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("boundary", BOUNDARIES)
-@pytest.mark.parametrize("layout", ["HWIO", "OIHW"])
-@pytest.mark.parametrize("n", [5, 6])
-def test_matches_dense_solve(metric, boundary, layout, n):
+def test_every_solver_matches_dense_solve_float64(metric, boundary):
   lam = 1.7
-  rng = np.random.default_rng(n)
-  g = rng.standard_normal(kernel_shape(layout, n))
-  expected = apply_along(
-      dense_inverse_metric(n, lam, metric, boundary), g, LAYOUT_AXIS[layout]
-  )
   with jax.enable_x64(True):
-    tx = cdg(lam, metric=metric, boundary=boundary, kernel_layout=layout)
-    out = run(tx, {"k": jnp.asarray(g)})["k"]
-    assert out.dtype == jnp.float64
-    np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=1e-10)
+    grads, layouts, want = _solve_case(metric, boundary, lam, jnp.float64)
+    for solver in solvers_for(metric):
+      tx = cdg(lam, metric=metric, boundary=boundary, solver=solver,
+               kernel_layout=layouts)
+      out = run(tx, grads)
+      for name in grads:
+        assert out[name].dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(out[name]), want[name], rtol=0,
+                                   atol=1e-10, err_msg=f"{solver} {name}")
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_solvers_agree_to_relative_1e5_in_float32(metric, boundary):
+  # Relative to the largest value of each kernel's update.
+  lam = 0.6 if metric == "sobolev" else 3.0
+  grads, layouts, want = _solve_case(metric, boundary, lam, jnp.float32,
+                                     seed=1, names=("oihw6", "hwio64",
+                                                    "oihw100"))
+  outs = {solver: run(cdg(lam, metric=metric, boundary=boundary,
+                          solver=solver, kernel_layout=layouts), grads)
+          for solver in solvers_for(metric)}
+  for solver, out in outs.items():
+    for name in grads:
+      scale = np.max(np.abs(want[name]))
+      for other in (want[name], np.asarray(outs["fft"][name], np.float64)):
+        error = np.max(np.abs(np.asarray(out[name], np.float64) - other))
+        assert error <= 1e-5 * scale, (solver, name, error / scale)
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_tridiagonal_blocks_over_widths_and_strengths(boundary):
+  # Every block plan (one block, several, prime widths) and strengths from
+  # almost none to almost the channel mean, in one compile per width.
+  lams = np.array([1e-4, 0.3, 1.0, 25.0, 1e4])
+  rng = np.random.default_rng(5)
+  with jax.enable_x64(True):
+    for n in (2, 3, 7, 12, 97, 128):
+      g = rng.standard_normal((4, n))
+      tx = lambda lam: cdg(lam, boundary=boundary, solver="tridiagonal",
+                           kernel_layout={"k": "IO"})
+      out = jax.jit(jax.vmap(lambda lam: tx(lam).update({"k": g}, None)[0]
+                             ["k"]))(lams)
+      for lam, got in zip(lams, np.asarray(out)):
+        want = g @ dense_inverse_metric(n, lam, "sobolev", boundary).T
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9,
+                                   err_msg=f"n={n} lam={lam}")
+
+
+def _op_counts(text):
+  """How many FFTs and matrix products a compiled (HLO) text holds."""
+  return (len(re.findall(r"\bfft\(", text)),
+          len(re.findall(r"\bdot\(", text)))
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_compiled_operations_of_each_solver(boundary):
+  g = {"a": randn(0, (3, 3, 4, 16)), "b": randn(1, (3, 3, 2, 8))}
+
+  def counts(metric, solver):
+    tx = cdg(metric=metric, boundary=boundary, solver=solver)
+    f = jax.jit(lambda g: tx.update(g, None)[0])
+    return _op_counts(f.lower(g).compile().as_text())
+
+  for metric in ("sobolev", "reweighted_sobolev"):
+    ffts, dots = counts(metric, "fft")
+    assert ffts >= 2 and dots == 0  # Forward and inverse per kernel.
+    assert counts(metric, "dense") == (0, 2)  # One product per kernel.
+  tridiagonal = counts("sobolev", "tridiagonal")
+  assert tridiagonal[0] == 0 and tridiagonal[1] >= 2
+  # solver=None on CPU: the measured fastest exact solver.
+  assert counts("sobolev", None) == tridiagonal
+  assert counts("reweighted_sobolev", None) == counts("reweighted_sobolev",
+                                                      "fft")
+  assert counts("reweighted_l2", "dense") == (0, 0)  # A closed form.
+
+
+def test_default_on_cpu_avoids_tridiagonal_blocks_of_a_prime_width():
+  # 131 channels: one block of 131, a dense product in disguise.
+  g = {"k": randn(3, (1, 1, 2, 131))}
+  text = {s: jax.jit(lambda g, s=s: cdg(solver=s).update(g, None)[0]).lower(
+      g).compile().as_text() for s in (None, "fft")}
+  assert _op_counts(text[None]) == _op_counts(text["fft"])
+  assert _op_counts(text[None])[0] >= 2
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_default_solver_on_accelerators_is_dense(platform):
+  # Lowered for a platform this machine lacks: platform_dependent resolves
+  # to the default branch, one product per kernel and no FFT.
+  g = {"a": randn(0, (3, 3, 4, 16)), "b": randn(1, (3, 3, 2, 8))}
+  for metric in ("sobolev", "reweighted_sobolev"):
+    f = jax.jit(lambda g, metric=metric: cdg(metric=metric).update(g, None)[0])
+    text = jax.export.export(f, platforms=[platform])(g).mlir_module()
+    assert text.count("stablehlo.dot_general") == 2, metric
+    assert "stablehlo.fft" not in text, metric
+
+
+def test_dense_operator_built_once_per_channel_count():
+  # A traced smoothing builds the operator in the graph: one product builds
+  # it per distinct width, one applies it per kernel.
+  g = {"a": randn(0, (3, 3, 2, 16)), "b": randn(1, (3, 3, 4, 16)),
+       "c": randn(2, (3, 3, 2, 8))}
+  f = lambda g, lam: cdg(lam, solver="dense").update(g, None)[0]
+  text = jax.jit(f).lower(g, 1.0).as_text()
+  assert text.count("stablehlo.dot_general") == 2 + 3
+  out = jax.jit(f)(g, 1.0)
+  for name, x in g.items():
+    want = apply_along(dense_inverse_metric(x.shape[-1], 1.0, "sobolev",
+                                            "periodic"), x, 3)
+    np.testing.assert_allclose(out[name], want, atol=1e-5)
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -249,6 +379,118 @@ def test_inject_hyperparams_with_traced_smoothing():
     np.testing.assert_allclose(
         out["k"], run(cdg(2 * lam, metric=metric), g)["k"], atol=1e-6
     )
+
+
+# A traced smoothing outside the accepted range: (metric,
+# allow_amplification, value, the smoothing it must act as). "mean" is the
+# limit lam -> inf: the channel-mean projection.
+TRACED_RULE = [
+    ("sobolev", False, -0.25, 0.0),
+    ("sobolev", False, 0.0, 0.0),
+    ("sobolev", False, math.nan, 0.0),
+    ("sobolev", False, -math.inf, 0.0),
+    ("sobolev", False, math.inf, "mean"),
+    ("sobolev", False, 0.01, 0.01),  # Valid: unchanged.
+    ("reweighted_l2", False, 0.01, 1.0),
+    ("reweighted_l2", False, 0.0, 1.0),
+    ("reweighted_l2", False, -3.0, 1.0),
+    ("reweighted_l2", False, math.nan, 1.0),
+    ("reweighted_l2", False, math.inf, "mean"),
+    ("reweighted_l2", True, 0.5, 0.5),
+    ("reweighted_l2", True, 0.0, 1.0),
+    ("reweighted_sobolev", False, 0.01, 1.0),
+    ("reweighted_sobolev", False, -0.25, 1.0),
+    ("reweighted_sobolev", False, math.nan, 1.0),
+    ("reweighted_sobolev", False, math.inf, "mean"),
+    ("reweighted_sobolev", True, 0.5, 0.5),
+    ("reweighted_sobolev", True, -1.0, 1.0),
+]
+
+
+def _rule_reference(g, metric, boundary, acts_as):
+  n = g.shape[-1]
+  if acts_as == "mean":
+    matrix = np.full((n, n), 1.0 / n)
+  elif acts_as == 0.0:
+    matrix = np.eye(n)  # sobolev at lam = 0: no smoothing.
+  else:
+    matrix = dense_inverse_metric(n, acts_as, metric, boundary)
+  return apply_along(matrix, g, 3)
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_invalid_traced_smoothing_follows_the_rule(metric, boundary):
+  g = np.random.default_rng(21).standard_normal((2, 3, 2, 12)) * 10
+  cases = [c for c in TRACED_RULE if c[0] == metric]
+  for solver in solvers_for(metric):
+    for allow in (False, True):
+      values = [v for m, a, v, _ in cases if a == allow]
+      if not values:
+        continue
+      update = jax.jit(jax.vmap(
+          lambda lam: cdg(lam, metric=metric, boundary=boundary,
+                          solver=solver, allow_amplification=allow).update(
+                              {"k": jnp.asarray(g, jnp.float32)}, None)[0]
+          ["k"]))
+      outs = np.asarray(update(jnp.asarray(values, jnp.float32)), np.float64)
+      for (_, _, value, acts_as), out in zip(
+          [c for c in cases if c[1] == allow], outs):
+        want = _rule_reference(g, metric, boundary, acts_as)
+        np.testing.assert_allclose(out, want, rtol=0, atol=1e-4,
+                                   err_msg=f"{solver} {value}")
+        if not allow:  # No fibre grows.
+          assert np.all(np.linalg.norm(out, axis=-1)
+                        <= np.linalg.norm(g, axis=-1) * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("metric, start", [("sobolev", 1.5),
+                                           ("reweighted_l2", 2.0),
+                                           ("reweighted_sobolev", 2.0)])
+def test_scheduled_smoothing_jitted_rule_and_eager_error(metric, start):
+  # A schedule that leaves the accepted range at its fourth step (the
+  # re-weighted metrics: the third). Jitted, the steps follow the rule;
+  # eagerly the value is concrete and the step raises.
+  schedule = optax.linear_schedule(start, start - 2.0, 4)
+  g = {"k": randn(22, (3, 3, 2, 8)) * 10}
+  tx = optax.inject_hyperparams(cdg, static_args=("metric",))(
+      smoothing=schedule, metric=metric)
+  least = 0.0 if metric == "sobolev" else 1.0
+  state = tx.init(g)
+  update = jax.jit(tx.update)
+  for step in range(6):
+    lam = float(schedule(step))
+    out, state = update(g, state)
+    acts_as = lam if lam >= least and lam > 0 else least
+    want = _rule_reference(np.asarray(g["k"], np.float64), metric,
+                           "periodic", acts_as)
+    np.testing.assert_allclose(out["k"], want, rtol=0, atol=1e-4,
+                               err_msg=f"step {step}, lam {lam}")
+  state = tx.init(g)
+  with pytest.raises(ValueError, match="smoothing"):
+    for _ in range(6):
+      _, state = tx.update(g, state)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("shape, layout", [
+    ((3, 3, 4, 0), "HWIO"), ((3, 3, 0, 8), "HWIO"), ((0, 4, 3, 3), "OIHW"),
+    ((8, 0, 3, 3), "OIHW")])
+def test_zero_size_kernels_pass_through(solver, shape, layout):
+  empty = jnp.zeros(shape, jnp.float32)
+  w = randn(23, kernel_shape(layout, 6))
+  want = apply_along(dense_inverse_metric(6, 1.0, "sobolev", "periodic"), w,
+                     LAYOUT_AXIS[layout])
+  for metric in ("sobolev", "reweighted_l2"):
+    if solver == "tridiagonal" and metric != "sobolev":
+      continue
+    tx = cdg(metric=metric, solver=solver, kernel_layout=layout)
+    for jit in (False, True):
+      out = run(tx, {"empty": empty, "w": w}, jit=jit)
+      assert out["empty"].shape == shape
+      assert out["empty"].dtype == jnp.float32
+      if metric == "sobolev":
+        np.testing.assert_allclose(out["w"], want, atol=1e-5)
 
 
 def test_inject_hyperparams_with_bfloat16_params():
@@ -435,6 +677,10 @@ def test_output_channels_one_untouched_in_both_layouts():
          "allow_amplification"),
         (dict(smoothing=0.0, metric="reweighted_l2", allow_amplification=True),
          "smoothing"),
+        (dict(solver="cholesky"), "solver"),
+        (dict(solver="tridiagonal", metric="reweighted_l2"), "tridiagonal"),
+        (dict(solver="tridiagonal", metric="reweighted_sobolev"),
+         "'sobolev' only"),
         (dict(kernel_layout="HWXO"), "kernel_layout"),
         (dict(kernel_layout="HWII"), "kernel_layout"),
     ],
