@@ -1,9 +1,11 @@
 """Every public transform under every optax wrapper, against hand composition.
 
 Each case runs one transform (SGS with a preset, an array or learned; CDG with
-each metric; their chain) inside one optax wrapper, with and without `jit`,
-in float32 and bfloat16, on a tiny tree mixing an HWIO conv, an OIHW conv
-(selected by a per-leaf layout tree), a bias and a dense kernel. The expected
+each metric; their chain) inside one optax wrapper, every transform with every
+wrapper once, in float32 or bfloat16, with or without `jit` (each transform
+and each wrapper meets all four combinations across the pairs), on a tiny tree
+mixing an HWIO conv, an OIHW conv (selected by a per-leaf layout tree), a bias
+and a dense kernel. The expected
 updates come from an independent numpy reference of the transform (the
 matrix written out by hand; a dense solve of the CDG metric) composed with
 the wrapper's documented semantics. Under each wrapper, `get_scalings` finds
@@ -190,11 +192,34 @@ def run(tx, grads_list, params, use_jit):
   return updates, state
 
 
-@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
-                         ids=["f32", "bf16"])
-@pytest.mark.parametrize("wrapper", list(WRAPPERS))
-@pytest.mark.parametrize("kind", KINDS)
+# Every kind meets every wrapper once; the dtype and jit mode rotate over the
+# pairs (a Latin square on the kind and wrapper indices), so that each kind
+# and each wrapper runs in all four (dtype, jit) combinations without
+# multiplying the matrix by them.
+MODES = {"f32-eager": (jnp.float32, False), "bf16-jit": (jnp.bfloat16, True),
+         "f32-jit": (jnp.float32, True), "bf16-eager": (jnp.bfloat16, False)}
+
+
+def _pair(i, kind, j, wrapper):
+  mode = list(MODES)[(i + j) % len(MODES)]
+  return pytest.param(kind, wrapper, *MODES[mode],
+                      id=f"{kind}-{wrapper}-{mode}")
+
+
+PAIRS = [_pair(i, kind, j, wrapper) for i, kind in enumerate(KINDS)
+         for j, wrapper in enumerate(WRAPPERS)]
+
+
+def test_pairs_cover_every_mode_per_kind_and_wrapper():
+  modes = lambda key, k: {tuple(p.values[2:]) for p in PAIRS
+                          if p.values[key] == k}
+  for kind in KINDS:
+    assert len(modes(0, kind)) == len(MODES), kind
+  for wrapper in WRAPPERS:
+    assert len(modes(1, wrapper)) == len(MODES), wrapper
+
+
+@pytest.mark.parametrize("kind,wrapper,dtype,use_jit", PAIRS)
 def test_updates_equal_hand_composition(kind, wrapper, dtype, use_jit):
   build, expected_fn = WRAPPERS[wrapper]
   params = make_tree(0, dtype)
