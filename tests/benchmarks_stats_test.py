@@ -92,12 +92,51 @@ def test_lr_grid_is_log_spaced_around_the_default():
   assert _stats.lr_grid(1e-3, 3, 10.0) == pytest.approx([1e-4, 1e-3, 1e-2])
 
 
-def test_pick_lr_best_then_nearest_default_then_smaller():
+def test_pick_lr_lowest_loss_then_nearest_default_then_smaller():
   grid = [0.0125, 0.025, 0.05, 0.1, 0.2]
-  assert _stats.pick_lr(grid, [0.1, 0.2, 0.3, 0.4, 0.35], 0.05) == 0.1
-  # A tie between 0.025 and 0.2: 0.025 is nearer 0.05 (log distance).
-  assert _stats.pick_lr(grid, [0.1, 0.5, 0.3, 0.4, 0.5], 0.05) == 0.025
+  # Lower is better: 0.1 has the lowest loss (0.05 the highest).
+  assert _stats.pick_lr(grid, [0.30, 0.20, 0.40, 0.07, 0.09], 0.05) == 0.1
+  # A tie between 0.025 and 0.2: 0.025 is nearer 0.05 (log distance 1
+  # doubling against 2).
+  assert _stats.pick_lr(grid, [0.30, 0.05, 0.20, 0.10, 0.05], 0.05) == 0.025
   # A tie at equal log distance (0.025 and 0.1): the smaller.
-  assert _stats.pick_lr(grid, [0.1, 0.5, 0.3, 0.5, 0.2], 0.05) == 0.025
+  assert _stats.pick_lr(grid, [0.30, 0.05, 0.20, 0.05, 0.10], 0.05) == 0.025
   # The default wins every tie it is in.
-  assert _stats.pick_lr(grid, [0.5] * 5, 0.05) == 0.05
+  assert _stats.pick_lr(grid, [0.05] * 5, 0.05) == 0.05
+
+
+def test_pick_lr_reads_losses_by_position_not_by_order():
+  # The grid need not be sorted: each loss belongs to the rate beside it.
+  assert _stats.pick_lr([0.2, 0.0125, 0.05], [0.11, 0.10, 0.12], 0.05) == (
+      0.0125)
+  assert _stats.pick_lr([0.2, 0.0125, 0.05], [0.10, 0.11, 0.12], 0.05) == 0.2
+
+
+def test_pick_lr_tells_close_losses_apart():
+  # Accuracy on 288 images would call these equal (the same error count);
+  # the loss still orders them, and the smallest difference decides.
+  grid = [0.05, 0.15, 0.45]
+  assert _stats.pick_lr(grid, [0.041, 0.0409, 0.043], 0.05) == 0.15
+  assert _stats.pick_lr(grid, [0.0409, 0.041, 0.043], 0.05) == 0.05
+
+
+def test_pick_lr_a_diverged_trial_loses_to_any_number():
+  grid = [0.05, 0.15, 0.45]
+  nan = float("nan")
+  assert _stats.pick_lr(grid, [2.5, 3.0, nan], 0.15) == 0.05
+  assert _stats.pick_lr(grid, [nan, 9.0, nan], 0.05) == 0.15
+  with pytest.raises(ValueError, match="diverged"):
+    _stats.pick_lr(grid, [nan] * 3, 0.15)
+
+
+def test_pick_lr_needs_one_loss_per_rate():
+  with pytest.raises(ValueError, match="one loss per learning rate"):
+    _stats.pick_lr([0.05, 0.15], [0.1], 0.05)
+  with pytest.raises(ValueError, match="one loss per learning rate"):
+    _stats.pick_lr([], [], 0.05)
+
+
+def test_pick_rule_says_what_pick_lr_does():
+  rule = _stats.PICK_RULE
+  assert "lowest" in rule and "validation loss" in rule
+  assert "nearest the default" in rule and "smaller" in rule
