@@ -139,10 +139,16 @@ def lr_grid(default: float, points: int, factor: float) -> list[float]:
 # spread that rounding alone produced between exactly equivalent runs).
 TIE_TOLERANCE = 0.15
 
-PICK_RULE = ("lowest final-epoch validation loss (mean cross-entropy, mean "
-             f"over tuning seeds), losses within {TIE_TOLERANCE:.0%} of the "
-             "lowest counting as tied; ties: nearest the default in log "
-             "scale, then the smaller")
+def pick_rule(tolerance: float = TIE_TOLERANCE) -> str:
+  """:func:`pick_lr`'s rule in words, for the results' JSON."""
+  tie = (f"losses within {100 * tolerance:g}% of the lowest count as tied"
+         if tolerance else "only equal losses tie")
+  return ("lowest final-epoch validation loss (mean cross-entropy, mean over "
+          f"tuning seeds); {tie}; ties go to the rate nearest the default in "
+          "log scale, then to the smaller")
+
+
+PICK_RULE = pick_rule()
 
 
 def pick_lr(grid: Sequence[float], losses: Sequence[float], default: float,

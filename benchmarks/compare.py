@@ -56,9 +56,9 @@ it): per method, ``--tune-grid`` learning rates spaced by
 ``--tune-factor`` around its family's default, each trained for the full
 schedule with ``--tune-seeds`` seeds on the training split minus a held-out,
 stratified validation split, and scored by its final-epoch validation loss
-(mean cross-entropy); of the rates within 15% of the lowest loss, the one
-nearest the default wins (``benchmarks/_stats.py`` says why the loss, not
-the accuracy, and why the 15%). A
+(mean cross-entropy); of the rates within ``--tune-tolerance`` (15%) of the
+lowest loss, the one nearest the default wins (``benchmarks/_stats.py``
+says why the loss, not the accuracy, and why a tolerance). A
 branched network reuses the search of the SGS method it equals exactly
 (``tuned_as`` in the JSON), so the two never split on rounding. The final
 seeds then train on the whole training split at the chosen rate and are
@@ -179,6 +179,11 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
                  "values span 81x)")
   p.add_argument("--tune-seeds", type=int, default=1,
                  help="seeds per tuning trial; default 1")
+  p.add_argument("--tune-tolerance", type=float,
+                 default=_stats.TIE_TOLERANCE,
+                 help="validation losses within this fraction of the lowest "
+                 "tie (the tie goes to the rate nearest the default); "
+                 f"default {_stats.TIE_TOLERANCE:g}, 0: the lowest loss wins")
   p.add_argument("--val-fraction", type=float, default=None,
                  help="share of the training split held out for tuning; "
                  "default 0.2 on digits, 0.1 otherwise")
@@ -297,6 +302,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
          args.tune_seeds) < 1:
     raise ValueError("--epochs, --batch-size, --seeds, --tune-grid and "
                      "--tune-seeds must be positive")
+  if args.tune_tolerance < 0:
+    raise ValueError("--tune-tolerance must be >= 0")
   if args.mock_data and args.dataset == "digits":
     raise ValueError("--mock-data is for the tfds datasets")
 
@@ -477,13 +484,13 @@ def _tune(trainer, method: Method, job: Job) -> dict[str, Any]:
                    "val_loss_curves": [r.loss["val"] for r in results],
                    "val_curves": [r.accuracy["val"] for r in results]})
   scores = [t["val_loss_mean"] for t in trials]
-  chosen = _stats.pick_lr(grid, scores, default)
+  chosen = _stats.pick_lr(grid, scores, default, args.tune_tolerance)
   phase = job.phases["tune"]
   return {"method": method.name, "grid": grid, "default_lr": default,
           "seeds": seeds, "train_examples": phase.num_train,
           "val_examples": len(phase.evals["val"][1]), "trials": trials,
-          "chosen_lr": chosen, "rule": _stats.PICK_RULE,
-          "tie_tolerance": _stats.TIE_TOLERANCE,
+          "chosen_lr": chosen, "rule": _stats.pick_rule(args.tune_tolerance),
+          "tie_tolerance": args.tune_tolerance,
           # How near each rate was to the tie's edge (1 + tie_tolerance).
           "loss_over_lowest": [float(v / np.nanmin(scores)) for v in scores]}
 

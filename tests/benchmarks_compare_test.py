@@ -141,10 +141,11 @@ def test_identical_methods_differ_by_exactly_zero(monkeypatch):
 
 
 @pytest.mark.slow
-def test_tuning_picks_the_best_validation_lr(tmp_path):
+@pytest.mark.parametrize("tolerance", [0.15, 0.0])
+def test_tuning_picks_the_best_validation_lr(tmp_path, tolerance):
   results = compare.main([
       "--tiny", "--tune", "--tune-grid", "3", "--tune-factor", "2",
-      "--methods", "sgd",
+      "--tune-tolerance", str(tolerance), "--methods", "sgd",
       "--no-progress", "--out", str(tmp_path / "tuned.json"), "--plot", ""])
   (record,) = results["methods"]
   tuning = record["tuning"]
@@ -158,13 +159,14 @@ def test_tuning_picks_the_best_validation_lr(tmp_path):
   scores = [t["val_loss_mean"] for t in tuning["trials"]]
   assert len(set(scores)) == 3  # continuous: no exact ties on a tiny split.
   best = [lr for lr, s in zip(tuning["grid"], scores)
-          if s <= 1.15 * min(scores)]
+          if s <= (1 + tolerance) * min(scores)]
   nearest = min(best, key=lambda lr: (abs(math.log(lr / default)), lr))
   np.testing.assert_allclose(tuning["loss_over_lowest"],
                              np.array(scores) / min(scores))
   assert tuning["chosen_lr"] == nearest == record["lr"]
   assert tuning["method"] == "sgd" and record["tuned_as"] is None
   assert "validation loss" in tuning["rule"]
+  assert tuning["tie_tolerance"] == tolerance
   # The validation split is carved from the training split (20% on digits).
   train = results["settings"]["train_examples"]
   assert tuning["val_examples"] == math.ceil(0.2 * train)
@@ -313,6 +315,10 @@ def test_parse_args_defaults():
   assert args.lr == pytest.approx(0.1 * args.batch_size / 128)
   assert args.tune is True and args.augment is False  # tuned on digits.
   assert compare.parse_args(["--no-tune"]).tune is False
+  assert args.tune_tolerance == 0.15
+  assert compare.parse_args(["--tune-tolerance", "0"]).tune_tolerance == 0
+  with pytest.raises(SystemExit):
+    compare.parse_args(["--tune-tolerance", "-0.1"])
   assert compare.parse_args(["--dataset", "mnist"]).tune is False
   assert args.out == "results/compare.json"
   assert args.plot == "results/compare.png"

@@ -156,7 +156,9 @@ def test_pick_lr_refuses_what_it_cannot_read():
 
 def test_pick_rule_says_what_pick_lr_does():
   rule = _stats.PICK_RULE
-  assert _stats.TIE_TOLERANCE == 0.15
+  assert _stats.TIE_TOLERANCE == 0.15 and rule == _stats.pick_rule(0.15)
   assert "lowest" in rule and "validation loss" in rule
   assert "within 15% of the lowest" in rule
   assert "nearest the default" in rule and "smaller" in rule
+  assert "within 2.5% of" in _stats.pick_rule(0.025)
+  assert "only equal losses tie" in _stats.pick_rule(0.0)
