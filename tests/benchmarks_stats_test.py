@@ -94,7 +94,7 @@ def test_lr_grid_is_log_spaced_around_the_default():
 
 def test_pick_lr_exact_rule_lowest_loss_then_nearest_default_then_smaller():
   grid = [0.0125, 0.025, 0.05, 0.1, 0.2]
-  exact = dict(tolerance=0.0)
+  exact = {"tolerance": 0.0}
   # Lower is better: 0.1 has the lowest loss (0.05 the highest).
   assert _stats.pick_lr(grid, [0.30, 0.20, 0.40, 0.07, 0.09], 0.05,
                         **exact) == 0.1

@@ -71,6 +71,7 @@ def test_table_notes_a_shared_learning_rate():
             "tuning": {"grid": [0.05, 0.15, 0.45]}, "tuned_as": "sgs-acb",
             "learned_refresh": False, "refresh_compilations": 0,
             "train_step_compilations": 1}
-  assert "lr of sgs-acb" in _summary._notes(record)  # pylint: disable=protected-access
+  notes = _summary._notes  # pylint: disable=protected-access
+  assert "lr of sgs-acb (exact equivalent)" in notes(record)
   record["tuned_as"] = None
-  assert "lr of" not in _summary._notes(record)  # pylint: disable=protected-access
+  assert "lr of" not in notes(record)
