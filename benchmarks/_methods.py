@@ -43,6 +43,10 @@ class Method:
       and its baseline (the method of that name).
     default: whether it runs when ``--methods`` is not given (methods left
       out would push the main job past its time budget).
+    tuned_as: the method it is exactly equivalent to (same family), whose
+      learning-rate search it reuses, or None. Two exactly equivalent
+      methods differ only by float rounding, which can tip a search; sharing
+      one search keeps them on one learning rate (and saves the runs).
   """
 
   name: str
@@ -51,6 +55,7 @@ class Method:
   learned: bool = False
   family: str = "sgd"
   default: bool = True
+  tuned_as: str | None = None
 
   @property
   def baseline(self) -> str:
@@ -116,8 +121,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("cdg+sgs-learned",
            lambda h: sgd_chain(h, sgs_optax.sgs(), sgs_optax.cdg()),
            learned=True),
-    Method("acb-branched", sgd_chain, conv="acb"),
-    Method("repvgg-branched", sgd_chain, conv="repvgg"),
+    # Exactly the SGS methods' dynamics on the branched network.
+    Method("acb-branched", sgd_chain, conv="acb", tuned_as="sgs-acb"),
+    Method("repvgg-branched", sgd_chain, conv="repvgg",
+           tuned_as="sgs-repvgg"),
     Method("adamw", adamw, family="adamw"),
     Method("adamw+sgs", lambda h: adamw_chain(h, sgs_optax.sgs("acb")),
            family="adamw"),
@@ -130,6 +137,25 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 ]}
 
 DEFAULT_METHODS = [name for name, m in METHODS.items() if m.default]
+
+
+def tuning_source(method: Method) -> Method:
+  """The method whose learning-rate search ``method`` uses (maybe itself).
+
+  Raises:
+    ValueError: if ``method.tuned_as`` names no method, one of another
+      family (another default learning rate and grid), or one that is
+      itself tuned as another.
+  """
+  if method.tuned_as is None:
+    return method
+  source = METHODS.get(method.tuned_as)
+  if (source is None or source.family != method.family
+      or source.tuned_as is not None):
+    raise ValueError(
+        f"{method.name}: tuned_as={method.tuned_as!r} must name a method of "
+        f"family {method.family!r} that is tuned itself.")
+  return source
 
 
 def with_baselines(names: Sequence[str]) -> list[str]:

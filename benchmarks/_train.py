@@ -123,7 +123,8 @@ class RunResult:
   """Everything one (method, lr, seed) run produced (JSON-ready via asdict).
 
   ``accuracy`` maps each eval name of the :class:`Phase` (e.g. ``"val"``,
-  ``"test"``) to its accuracy after every epoch.
+  ``"test"``) to its accuracy after every epoch, ``loss`` to its mean
+  cross-entropy (:func:`mean_cross_entropy`).
   """
 
   seed: int
@@ -133,6 +134,8 @@ class RunResult:
   epoch_time_s: list[float]  # train steps only (no eval, no refresh).
   refresh_time_s: list[float]  # one entry per refresh (compile excluded).
   refresh_epochs: list[int]
+  # A default: histories checkpointed before losses were recorded resume.
+  loss: dict[str, list[float]] = dataclasses.field(default_factory=dict)
   resumed_at_epoch: int | None = None
   final_state: TrainState | None = dataclasses.field(default=None, repr=False)
 
@@ -142,7 +145,12 @@ class RunResult:
             if f.name != "final_state"}
 
   def final(self, name: str) -> float:
+    """The last epoch's accuracy on eval split ``name``."""
     return self.accuracy[name][-1]
+
+  def final_loss(self, name: str) -> float:
+    """The last epoch's mean cross-entropy on eval split ``name``."""
+    return self.loss[name][-1]
 
 
 def random_crop_flip(key: jax.Array, images: jax.Array, pad: int = 4):
@@ -209,6 +217,28 @@ def _eval_logits(model, variables, split, index, norm):
 
 def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def mean_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+  """Mean softmax cross-entropy of a whole split, in float64 on the host.
+
+  Per example ``logsumexp(z) - z[label]``, summed over every example and
+  divided by their number once: the value does not depend on how the split
+  was cut into eval chunks (a mean of per-chunk means would weight a short
+  last chunk like a full one).
+
+  Args:
+    logits: ``(n, classes)`` logits.
+    labels: ``(n,)`` integer labels.
+
+  Returns:
+    The mean loss (NaN if a logit is not finite).
+  """
+  z = np.asarray(logits, np.float64)
+  top = z.max(-1, keepdims=True)
+  log_norm = top[:, 0] + np.log(np.exp(z - top).sum(-1))
+  picked = z[np.arange(len(z)), np.asarray(labels)]
+  return float(np.sum(log_norm - picked) / len(z))
 
 
 def _make_train_step(model: nn.Module, tx: optax.GradientTransformation,
@@ -381,14 +411,16 @@ class Trainer:
           norm))[:len(block)])
     return np.concatenate(outs)
 
-  def evaluate(self, state: TrainState, phase: Phase) -> dict[str, float]:
-    """Accuracy on every eval split of the phase."""
+  def evaluate(self, state: TrainState, phase: Phase
+               ) -> dict[str, dict[str, float]]:
+    """``{split: {"accuracy": ..., "loss": ...}}`` for every eval split."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     out = {}
     for name, (split, index) in phase.evals.items():
-      predictions = self.logits(variables, split, index,
-                                phase.norm).argmax(-1)
-      out[name] = float(np.mean(predictions == np.asarray(split.labels)[index]))
+      logits = self.logits(variables, split, index, phase.norm)
+      labels = np.asarray(split.labels)[index]
+      out[name] = {"accuracy": float(np.mean(logits.argmax(-1) == labels)),
+                   "loss": mean_cross_entropy(logits, labels)}
     return out
 
   # -- the loop ------------------------------------------------------------
@@ -451,7 +483,7 @@ class Trainer:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
     result = RunResult(seed, {name: [] for name in phase.evals}, [], [], [],
-                       [], [])
+                       [], [], loss={name: [] for name in phase.evals})
     if checkpoint is not None:
       restored = checkpoint.restore(state)
       if restored is not None:
@@ -496,17 +528,20 @@ class Trainer:
     return result
 
   @staticmethod
-  def _record(result: RunResult, metrics, accuracies: dict[str, float],
-              epoch: int, images: int) -> dict[str, Any]:
+  def _record(result: RunResult, metrics,
+              scores: dict[str, dict[str, float]], epoch: int,
+              images: int) -> dict[str, Any]:
     """Appends one epoch's numbers to ``result``; returns its JSON record."""
     loss, train_acc = np.mean(np.asarray(metrics, dtype=np.float64), 0)
     result.train_loss.append(float(loss))
     result.train_accuracy.append(float(train_acc))
-    for name, value in accuracies.items():
-      result.accuracy[name].append(value)
+    for name, score in scores.items():
+      result.accuracy[name].append(score["accuracy"])
+      result.loss.setdefault(name, []).append(score["loss"])
     return {"epoch": epoch, "train_loss": float(loss),
             "train_accuracy": float(train_acc),
-            **{f"{name}_accuracy": v for name, v in accuracies.items()},
+            **{f"{name}_{key}": v for name, score in scores.items()
+               for key, v in score.items()},
             "epoch_time_s": result.epoch_time_s[-1],
             "images_per_s": images / result.epoch_time_s[-1],
             "refreshed": bool(result.refresh_epochs

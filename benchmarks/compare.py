@@ -28,8 +28,10 @@ two ``adamw+sgs-learned`` ones; the baselines they need, ``sgd`` or
 ``acb-branched``            the model built with ACB ``BranchedConv`` s, plain
                             SGD, started from the plain model's weights (extra
                             branches zero); evaluated after merging into the
-                            plain model
-``repvgg-branched``         the same with RepVGG (KxK + 1x1) branches
+                            plain model; exactly ``sgs-acb``, so it takes
+                            ``sgs-acb``'s learning rate (below)
+``repvgg-branched``         the same with RepVGG (KxK + 1x1) branches (and
+                            ``sgs-repvgg``'s learning rate)
 ``adamw``                   ``optax.adamw`` with the cosine schedule (baseline
                             of:)
 ``adamw+sgs``               ``chain(scale_by_adam, sgs("acb"),
@@ -53,10 +55,14 @@ Tuning (``--tune``, the default on the embedded digits; ``--no-tune`` skips
 it): per method, ``--tune-grid`` learning rates spaced by
 ``--tune-factor`` around its family's default, each trained for the full
 schedule with ``--tune-seeds`` seeds on the training split minus a held-out,
-stratified validation split and scored on it (final epoch); ties go to the
-value nearest the default. The final seeds then train on the whole training
-split at the chosen rate and are scored on the test split, which no choice
-ever sees.
+stratified validation split, and scored by its final-epoch validation loss
+(mean cross-entropy); of the rates within ``--tune-tolerance`` (15%) of the
+lowest loss, the one nearest the default wins (``benchmarks/_stats.py``
+says why the loss, not the accuracy, and why a tolerance). A
+branched network reuses the search of the SGS method it equals exactly
+(``tuned_as`` in the JSON), so the two never split on rounding. The final
+seeds then train on the whole training split at the chosen rate and are
+scored on the test split, which no choice ever sees.
 
 Recipes (``--recipe``): the SGS paper's CIFAR protocols (see
 ``benchmarks/_recipes.py``), with a JSON line per epoch, orbax checkpoints
@@ -173,6 +179,11 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
                  "values span 81x)")
   p.add_argument("--tune-seeds", type=int, default=1,
                  help="seeds per tuning trial; default 1")
+  p.add_argument("--tune-tolerance", type=float,
+                 default=_stats.TIE_TOLERANCE,
+                 help="validation losses within this fraction of the lowest "
+                 "tie (the tie goes to the rate nearest the default); "
+                 f"default {_stats.TIE_TOLERANCE:g}, 0: the lowest loss wins")
   p.add_argument("--val-fraction", type=float, default=None,
                  help="share of the training split held out for tuning; "
                  "default 0.2 on digits, 0.1 otherwise")
@@ -291,6 +302,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
          args.tune_seeds) < 1:
     raise ValueError("--epochs, --batch-size, --seeds, --tune-grid and "
                      "--tune-seeds must be positive")
+  if args.tune_tolerance < 0:
+    raise ValueError("--tune-tolerance must be >= 0")
   if args.mock_data and args.dataset == "digits":
     raise ValueError("--mock-data is for the tfds datasets")
 
@@ -339,6 +352,8 @@ class Job:
   plain_eval: _train.Trainer
   log: Any
   variables: dict[int, Any] = dataclasses.field(default_factory=dict)
+  # Learning-rate searches by method name, shared with exact equivalents.
+  tunings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
   def steps_per_epoch(self, phase: str) -> int:
     n = self.phases[phase].num_train
@@ -460,20 +475,37 @@ def _tune(trainer, method: Method, job: Job) -> dict[str, Any]:
   trials = []
   for lr in grid:
     results = [_run(trainer, method, job, "tune", seed, lr) for seed in seeds]
-    finals = [r.final("val") for r in results]
-    trials.append({"lr": lr, "val_accuracy": finals,
-                   "val_accuracy_mean": float(np.mean(finals)),
+    losses = [r.final_loss("val") for r in results]
+    accuracies = [r.final("val") for r in results]
+    trials.append({"lr": lr, "val_loss": losses,
+                   "val_loss_mean": float(np.mean(losses)),
+                   "val_accuracy": accuracies,
+                   "val_accuracy_mean": float(np.mean(accuracies)),
+                   "val_loss_curves": [r.loss["val"] for r in results],
                    "val_curves": [r.accuracy["val"] for r in results]})
-  chosen = _stats.pick_lr(grid, [t["val_accuracy_mean"] for t in trials],
-                          default)
+  scores = [t["val_loss_mean"] for t in trials]
+  chosen = _stats.pick_lr(grid, scores, default, args.tune_tolerance)
   phase = job.phases["tune"]
-  return {"grid": grid, "default_lr": default, "seeds": seeds,
-          "train_examples": phase.num_train,
+  return {"method": method.name, "grid": grid, "default_lr": default,
+          "seeds": seeds, "train_examples": phase.num_train,
           "val_examples": len(phase.evals["val"][1]), "trials": trials,
-          "chosen_lr": chosen,
-          "rule": "best final-epoch validation accuracy (mean over tuning "
-                  "seeds); ties: nearest the default in log scale, then "
-                  "the smaller"}
+          "chosen_lr": chosen, "rule": _stats.pick_rule(args.tune_tolerance),
+          "tie_tolerance": args.tune_tolerance,
+          # How near each rate was to the tie's edge (1 + tie_tolerance).
+          "loss_over_lowest": [float(v / np.nanmin(scores)) for v in scores]}
+
+
+def _tuning(method: Method, job: Job) -> dict[str, Any]:
+  """``method``'s search, run once per job for it and its exact equivalents.
+
+  A method with ``tuned_as`` gets its equivalent's search (run here, with
+  the equivalent's trainer, when that method is not in the job), so both
+  train at one learning rate whichever of them a job runs.
+  """
+  source = _methods.tuning_source(method)
+  if source.name not in job.tunings:
+    job.tunings[source.name] = _tune(_trainer(source, job), source, job)
+  return job.tunings[source.name]
 
 
 def _merge_check(trainer, job: Job, result: _train.RunResult
@@ -509,6 +541,7 @@ def _final_runs(trainer, method: Method, job: Job, lr: float
     result = _run(trainer, method, job, "final", seed, lr)
     history = result.history()
     run = {"seed": seed, "test_accuracy": history.pop("accuracy")["test"],
+           "test_loss": history.pop("loss")["test"],
            **{k: v for k, v in history.items() if k != "seed"}}
     run["final_test_accuracy"] = run["test_accuracy"][-1]
     if method.conv != "plain":
@@ -526,7 +559,7 @@ def run_method(method: Method, job: Job) -> dict[str, Any]:
   """Tunes (if asked) and trains one method for every seed; its record."""
   args = job.args
   trainer = _trainer(method, job)
-  tuning = _tune(trainer, method, job) if args.tune else None
+  tuning = _tuning(method, job) if args.tune else None
   lr = tuning["chosen_lr"] if tuning else _default_lr(method, args)
   runs = _final_runs(trainer, method, job, lr)
   finals = np.asarray([r["final_test_accuracy"] for r in runs])
@@ -536,6 +569,8 @@ def run_method(method: Method, job: Job) -> dict[str, Any]:
       "model_conv": method.conv, "learned_refresh": method.learned,
       "refresh_every_epochs": args.refresh_every if method.learned else None,
       "lr": lr, "lr_default": _default_lr(method, args), "tuning": tuning,
+      # Whose search chose the lr, where it is not the method's own.
+      "tuned_as": method.tuned_as if tuning else None,
       "final_test_accuracy_mean": float(finals.mean()),
       "final_test_accuracy_std": float(finals.std(ddof=1)) if len(
           finals) > 1 else 0.0,
@@ -587,23 +622,35 @@ def _scalings_summary(opt_state) -> dict[str, list[list[float]]]:
 # -- start-up measurement ----------------------------------------------------
 
 
+def device_name(device) -> str:
+  """``"gpu: NVIDIA H200"``; the platform alone where the kind repeats it.
+
+  A CPU device's kind is ``"cpu"``, which would print ``cpu:cpu``.
+  """
+  kind = str(device.device_kind)
+  if kind.lower() == device.platform.lower():
+    return device.platform
+  return f"{device.platform}: {kind}"
+
+
 def _hms(seconds: float) -> str:
   minutes, secs = divmod(int(round(seconds)), 60)
   hours, minutes = divmod(minutes, 60)
   return f"{hours}h{minutes:02d}m{secs:02d}s"
 
 
-def _projected_steps(n_methods: int, job: Job) -> tuple[int, str]:
+def _projected_steps(methods: Sequence[Method], job: Job
+                     ) -> tuple[int, str]:
   """Train steps of the whole job, and the runs it counts, in words."""
   args = job.args
-  runs = {"final": args.seeds}
+  steps = len(methods) * args.seeds * job.steps_per_epoch("final")
+  words = f"{len(methods)} methods x {args.seeds} final runs"
   if args.tune:
-    runs["tune"] = args.tune_grid * args.tune_seeds
-  steps = n_methods * args.epochs * sum(
-      n * job.steps_per_epoch(phase) for phase, n in runs.items())
-  words = f"{n_methods} methods x ({args.seeds} final" + (
-      f" + {runs['tune']} tuning" if args.tune else "") + " runs)"
-  return steps, words
+    searches = len({_methods.tuning_source(m).name for m in methods})
+    trials = args.tune_grid * args.tune_seeds
+    steps += searches * trials * job.steps_per_epoch("tune")
+    words += f" + {searches} searches x {trials} tuning runs"
+  return steps * args.epochs, words
 
 
 def measure_start(methods: Sequence[Method], job: Job) -> dict[str, Any]:
@@ -625,9 +672,9 @@ def measure_start(methods: Sequence[Method], job: Job) -> dict[str, Any]:
   timing = first.time_steps(first_state, final, args.batch_size,
                             budget_s=0.01 if args.tiny else 1.0,
                             rounds=2 if args.tiny else 3)
-  steps, runs = _projected_steps(len(methods), job)
+  steps, runs = _projected_steps(methods, job)
   device = jax.devices()[0]
-  out = {"device": f"{device.platform}:{device.device_kind}",
+  out = {"device": device_name(device),
          "method_timed": methods[0].name, **timing,
          "total_train_steps": steps,
          "projected_train_s": steps * timing["step_s_loop"],

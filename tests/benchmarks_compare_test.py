@@ -2,6 +2,7 @@
 
 import json
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -140,10 +141,11 @@ def test_identical_methods_differ_by_exactly_zero(monkeypatch):
 
 
 @pytest.mark.slow
-def test_tuning_picks_the_best_validation_lr(tmp_path):
+@pytest.mark.parametrize("tolerance", [0.15, 0.0])
+def test_tuning_picks_the_best_validation_lr(tmp_path, tolerance):
   results = compare.main([
       "--tiny", "--tune", "--tune-grid", "3", "--tune-factor", "2",
-      "--methods", "sgd",
+      "--tune-tolerance", str(tolerance), "--methods", "sgd",
       "--no-progress", "--out", str(tmp_path / "tuned.json"), "--plot", ""])
   (record,) = results["methods"]
   tuning = record["tuning"]
@@ -151,12 +153,20 @@ def test_tuning_picks_the_best_validation_lr(tmp_path):
   assert tuning["grid"] == pytest.approx([default / 2, default, default * 2])
   assert [t["lr"] for t in tuning["trials"]] == tuning["grid"]
   for trial in tuning["trials"]:
-    assert len(trial["val_accuracy"]) == 1  # --tune-seeds 1.
+    assert len(trial["val_loss"]) == len(trial["val_accuracy"]) == 1
     assert len(trial["val_curves"][0]) == results["settings"]["epochs"]
-  scores = [t["val_accuracy_mean"] for t in tuning["trials"]]
-  best = [lr for lr, s in zip(tuning["grid"], scores) if s == max(scores)]
+    assert trial["val_loss"][0] == trial["val_loss_curves"][0][-1]
+  scores = [t["val_loss_mean"] for t in tuning["trials"]]
+  assert len(set(scores)) == 3  # continuous: no exact ties on a tiny split.
+  best = [lr for lr, s in zip(tuning["grid"], scores)
+          if s <= (1 + tolerance) * min(scores)]
   nearest = min(best, key=lambda lr: (abs(math.log(lr / default)), lr))
+  np.testing.assert_allclose(tuning["loss_over_lowest"],
+                             np.array(scores) / min(scores))
   assert tuning["chosen_lr"] == nearest == record["lr"]
+  assert tuning["method"] == "sgd" and record["tuned_as"] is None
+  assert "validation loss" in tuning["rule"]
+  assert tuning["tie_tolerance"] == tolerance
   # The validation split is carved from the training split (20% on digits).
   train = results["settings"]["train_examples"]
   assert tuning["val_examples"] == math.ceil(0.2 * train)
@@ -166,12 +176,44 @@ def test_tuning_picks_the_best_validation_lr(tmp_path):
 
 
 @pytest.mark.slow
+def test_exact_equivalents_train_at_one_searched_lr(tmp_path):
+  """acb-branched takes sgs-acb's search, with or without sgs-acb."""
+  log = tmp_path / "epochs.jsonl"
+  common = ["--tiny", "--tune", "--tune-grid", "3", "--tune-factor", "3",
+            "--no-progress", "--out", "", "--plot", ""]
+  both = compare.main(common + ["--methods", "sgs-acb,acb-branched",
+                                "--epoch-log", str(log)])
+  by_name = {r["method"]: r for r in both["methods"]}
+  sgs, branched = by_name["sgs-acb"], by_name["acb-branched"]
+  assert branched["tuning"] == sgs["tuning"]
+  assert branched["tuning"]["method"] == "sgs-acb"
+  assert branched["tuned_as"] == "sgs-acb" and sgs["tuned_as"] is None
+  assert branched["lr"] == sgs["lr"] == sgs["tuning"]["chosen_lr"]
+  # Searched once: no tuning run of the branched network itself.
+  records = [json.loads(line) for line in log.read_text().splitlines()]
+  tuned = {(r["method"], r["lr"]) for r in records if r["phase"] == "tune"}
+  assert {m for m, _ in tuned} == {"sgd", "sgs-acb"}
+  assert len(tuned) == 2 * 3
+  assert "lr of sgs-acb" in both["table"]
+  alone = compare.main(common + ["--methods", "acb-branched"])
+  (branched_alone,) = [r for r in alone["methods"]
+                       if r["method"] == "acb-branched"]
+  assert branched_alone["tuning"]["method"] == "sgs-acb"
+  assert branched_alone["lr"] == sgs["lr"]
+  assert branched_alone["tuning"]["trials"] == sgs["tuning"]["trials"]
+
+
+@pytest.mark.slow
 def test_progress_bars_stay_off_a_redirected_stream(capsys):
   """tqdm writes only to a terminal: a log file has no carriage returns."""
   compare.main(["--tiny", "--methods", "sgd", "--out", ""])
   captured = capsys.readouterr()
   assert "\r" not in captured.err and "\r" not in captured.out
   assert "final test acc" in captured.out
+  # The throughput line names the device once ("cpu: 812 images/s").
+  measured = captured.out.splitlines()[1]
+  assert measured.startswith(compare.device_name(jax.devices()[0]) + ": ")
+  assert "images/s" in measured and "cpu:cpu" not in captured.out
 
 
 @pytest.mark.slow
@@ -273,6 +315,10 @@ def test_parse_args_defaults():
   assert args.lr == pytest.approx(0.1 * args.batch_size / 128)
   assert args.tune is True and args.augment is False  # tuned on digits.
   assert compare.parse_args(["--no-tune"]).tune is False
+  assert args.tune_tolerance == 0.15
+  assert compare.parse_args(["--tune-tolerance", "0"]).tune_tolerance == 0
+  with pytest.raises(SystemExit):
+    compare.parse_args(["--tune-tolerance", "-0.1"])
   assert compare.parse_args(["--dataset", "mnist"]).tune is False
   assert args.out == "results/compare.json"
   assert args.plot == "results/compare.png"
@@ -409,3 +455,88 @@ def test_train_step_takes_the_whole_split_and_an_index():
   text = lowered.as_text()
   assert f"tensor<{phase.num_train}x8x8x1xui8>" in text
   assert "tensor<32xi32>" in text
+
+
+def _loop_cross_entropy(logits, labels):
+  """The mean cross-entropy one example at a time, with the math module."""
+  total = 0.0
+  for row, label in zip(np.asarray(logits, np.float64).tolist(), labels):
+    top = max(row)
+    total += top + math.log(sum(math.exp(v - top) for v in row)) - row[label]
+  return total / len(labels)
+
+
+def test_mean_cross_entropy_by_hand():
+  ln2 = math.log(2.0)
+  # [ln 2, 0, 0]: log(2 + 1 + 1) - ln 2 = ln 2; two equal logits: ln 2; a
+  # confident wrong answer costs its margin (and must not overflow).
+  logits = np.array([[ln2, 0.0, 0.0], [0.0, 0.0, -np.inf], [1000.0, 0.0, 0.0]])
+  got = _train.mean_cross_entropy(logits, np.array([0, 1, 1]))
+  assert got == pytest.approx((ln2 + ln2 + 1000.0) / 3, rel=1e-12)
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(37, 10)).astype(np.float32)
+  labels = rng.integers(0, 10, 37)
+  assert _train.mean_cross_entropy(logits, labels) == pytest.approx(
+      _loop_cross_entropy(logits, labels), rel=1e-12)
+
+
+def test_evaluate_loss_is_the_whole_split_mean_whatever_the_chunks(
+    monkeypatch):
+  """23 examples in chunks of 500, then of 5 (4 full + one of 3)."""
+  model = _models.make_model("small_vgg", 10, tiny=True)
+  trainer = _train.Trainer(model, optax.identity(), prng_impl="rbg")
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 17, (23, 8, 8, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, 23).astype(np.int32)
+  split = _train.preload(images, labels)
+  norm = _train.normalization(images)
+  phase = _train.Phase(split, np.arange(23), norm,
+                       {"val": (split, np.arange(23))})
+  state = trainer.init(trainer.init_variables(0, images), lr=0.1,
+                       total_steps=1)
+  whole = trainer.evaluate(state, phase)["val"]
+  monkeypatch.setattr(_train, "EVAL_CHUNK", 5)
+  chunked = trainer.evaluate(state, phase)["val"]
+  # The reference: the model applied to all 23 at once, scored by the loop.
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  logits = model.apply(variables, (images.astype(np.float32) - norm.mean)
+                       / norm.std, train=False)
+  want = _loop_cross_entropy(logits, labels)
+  for scores in (whole, chunked):
+    assert scores["loss"] == pytest.approx(want, rel=1e-5)
+    assert scores["accuracy"] == np.mean(np.argmax(logits, -1) == labels)
+
+
+def test_device_name_says_cpu_once():
+  cpu = types.SimpleNamespace(platform="cpu", device_kind="cpu")
+  gpu = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200")
+  assert compare.device_name(cpu) == "cpu"
+  assert compare.device_name(gpu) == "gpu: NVIDIA H200"
+  assert "cpu:cpu" not in compare.device_name(jax.devices()[0])
+
+
+def test_branched_networks_share_their_exact_equivalents_search():
+  methods = compare.METHODS
+  assert methods["acb-branched"].tuned_as == "sgs-acb"
+  assert methods["repvgg-branched"].tuned_as == "sgs-repvgg"
+  for method in methods.values():
+    source = _methods.tuning_source(method)
+    assert source.family == method.family
+    assert (source is method) == (method.tuned_as is None)
+  for bad in ("nope", "adamw", "acb-branched"):  # unknown, family, chained.
+    with pytest.raises(ValueError, match="tuned_as"):
+      _methods.tuning_source(compare.Method("x", compare.sgd_chain,
+                                            tuned_as=bad))
+
+
+def test_projected_steps_count_a_shared_search_once():
+  args = compare.parse_args(["--tiny", "--tune", "--methods",
+                             "sgs-acb,acb-branched"])
+  job = compare._setup(args)
+  methods = [compare.METHODS[m] for m in args.methods]
+  steps, words = compare._projected_steps(methods, job)
+  # By hand: 192 train images, 20% (39) held out, batch 32: 6 steps per
+  # final epoch, 4 per tuning epoch; 2 epochs; sgd, sgs-acb, acb-branched
+  # train 1 final seed each; 2 searches (sgd, sgs-acb) of 5 runs.
+  assert steps == 2 * (3 * 1 * 6 + 2 * 5 * 4)
+  assert "2 searches" in words

@@ -92,12 +92,73 @@ def test_lr_grid_is_log_spaced_around_the_default():
   assert _stats.lr_grid(1e-3, 3, 10.0) == pytest.approx([1e-4, 1e-3, 1e-2])
 
 
-def test_pick_lr_best_then_nearest_default_then_smaller():
+def test_pick_lr_exact_rule_lowest_loss_then_nearest_default_then_smaller():
   grid = [0.0125, 0.025, 0.05, 0.1, 0.2]
-  assert _stats.pick_lr(grid, [0.1, 0.2, 0.3, 0.4, 0.35], 0.05) == 0.1
-  # A tie between 0.025 and 0.2: 0.025 is nearer 0.05 (log distance).
-  assert _stats.pick_lr(grid, [0.1, 0.5, 0.3, 0.4, 0.5], 0.05) == 0.025
+  exact = {"tolerance": 0.0}
+  # Lower is better: 0.1 has the lowest loss (0.05 the highest).
+  assert _stats.pick_lr(grid, [0.30, 0.20, 0.40, 0.07, 0.09], 0.05,
+                        **exact) == 0.1
+  # A tie between 0.025 and 0.2: 0.025 is nearer 0.05 (log distance 1
+  # doubling against 2).
+  assert _stats.pick_lr(grid, [0.30, 0.05, 0.20, 0.10, 0.05], 0.05,
+                        **exact) == 0.025
   # A tie at equal log distance (0.025 and 0.1): the smaller.
-  assert _stats.pick_lr(grid, [0.1, 0.5, 0.3, 0.5, 0.2], 0.05) == 0.025
+  assert _stats.pick_lr(grid, [0.30, 0.05, 0.20, 0.05, 0.10], 0.05,
+                        **exact) == 0.025
   # The default wins every tie it is in.
-  assert _stats.pick_lr(grid, [0.5] * 5, 0.05) == 0.05
+  assert _stats.pick_lr(grid, [0.05] * 5, 0.05, **exact) == 0.05
+  # Without a tolerance the smallest difference decides.
+  assert _stats.pick_lr([0.05, 0.15], [0.0410, 0.0409], 0.05, **exact) == 0.15
+
+
+def test_pick_lr_ties_losses_within_15_percent_of_the_lowest():
+  grid = [0.0125, 0.025, 0.05, 0.1, 0.2]
+  # Lowest 0.100 at 0.2; 0.1 is 14% above it (tied), 0.05 is 16% (not): of
+  # 0.1 and 0.2, 0.1 is nearer the default 0.05.
+  assert _stats.pick_lr(grid, [0.30, 0.20, 0.116, 0.114, 0.100], 0.05) == 0.1
+  # 0.05 now 14% above the lowest: the default is tied, so it wins.
+  assert _stats.pick_lr(grid, [0.30, 0.20, 0.114, 0.116, 0.100], 0.05) == 0.05
+  # Nothing within 15%: the lowest wins, far from the default as it is.
+  assert _stats.pick_lr(grid, [0.30, 0.20, 0.17, 0.16, 0.100], 0.05) == 0.2
+  # Tied at equal log distance on both sides of the default: the smaller.
+  assert _stats.pick_lr(grid, [0.30, 0.101, 0.20, 0.100, 0.30], 0.05) == 0.025
+  # Lower is better, whatever the tolerance: the highest loss never wins.
+  assert _stats.pick_lr(grid, [0.10, 0.30, 0.90, 0.30, 0.30], 0.05) == 0.0125
+
+
+def test_pick_lr_reads_losses_by_position_not_by_order():
+  # The grid need not be sorted: each loss belongs to the rate beside it.
+  assert _stats.pick_lr([0.2, 0.0125, 0.05], [0.20, 0.10, 0.30], 0.05) == (
+      0.0125)
+  assert _stats.pick_lr([0.2, 0.0125, 0.05], [0.10, 0.20, 0.13], 0.05) == 0.2
+  assert _stats.pick_lr([0.2, 0.0125, 0.05], [0.10, 0.20, 0.114], 0.05) == (
+      0.05)
+
+
+def test_pick_lr_a_diverged_trial_loses_to_any_number():
+  grid = [0.05, 0.15, 0.45]
+  nan = float("nan")
+  assert _stats.pick_lr(grid, [2.5, 3.0, nan], 0.15) == 0.05
+  assert _stats.pick_lr(grid, [nan, 9.0, nan], 0.05) == 0.15
+  for losses in ([nan] * 3, [nan, math.inf, nan]):
+    with pytest.raises(ValueError, match="diverged"):
+      _stats.pick_lr(grid, losses, 0.15)
+
+
+def test_pick_lr_refuses_what_it_cannot_read():
+  with pytest.raises(ValueError, match="one loss per learning rate"):
+    _stats.pick_lr([0.05, 0.15], [0.1], 0.05)
+  with pytest.raises(ValueError, match="one loss per learning rate"):
+    _stats.pick_lr([], [], 0.05)
+  with pytest.raises(ValueError, match="tolerance"):
+    _stats.pick_lr([0.05], [0.1], 0.05, tolerance=-0.1)
+
+
+def test_pick_rule_says_what_pick_lr_does():
+  rule = _stats.PICK_RULE
+  assert _stats.TIE_TOLERANCE == 0.15 and rule == _stats.pick_rule(0.15)
+  assert "lowest" in rule and "validation loss" in rule
+  assert "within 15% of the lowest" in rule
+  assert "nearest the default" in rule and "smaller" in rule
+  assert "within 2.5% of" in _stats.pick_rule(0.025)
+  assert "only equal losses tie" in _stats.pick_rule(0.0)
