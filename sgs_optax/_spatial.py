@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -71,6 +72,10 @@ class ScalingTable(Mapping):
       layout string did not select because of their rank (recorded for
       learned tables: :func:`sgs_optax.refresh_scalings` raises if they
       turn out to be convs).
+    source: a digest of the constant array ``scaling`` the matrices were
+      read from (None for presets and learned tables): an update reads the
+      scaling again only when it changed (under
+      ``optax.inject_hyperparams``), so edits to the state's matrices stand.
 
   Examples:
     >>> import jax.numpy as jnp, sgs_optax
@@ -86,13 +91,15 @@ class ScalingTable(Mapping):
   def __init__(self, matrices: Mapping[str, Any], structure: Any,
                learned: bool, kernels: Mapping[str, KernelInfo], *,
                selected_by: str | None = None,
-               rank_skipped: tuple[str, ...] = ()):
+               rank_skipped: tuple[str, ...] = (),
+               source: str | None = None):
     self._matrices = dict(matrices)
     self.structure = structure
     self.learned = bool(learned)
     self.kernels = dict(kernels)
     self.selected_by = selected_by
     self.rank_skipped = tuple(rank_skipped)
+    self.source = source
     _register_with_flax()
 
   def __getitem__(self, name: str) -> Any:
@@ -107,17 +114,20 @@ class ScalingTable(Mapping):
   def __repr__(self) -> str:
     return f"ScalingTable(learned={self.learned}, {self._matrices!r})"
 
-  def replace(self, matrices: Mapping[str, Any]) -> ScalingTable:
-    """A table with the same keys and structure holding ``matrices``."""
+  def replace(self, matrices: Mapping[str, Any],
+              **facts: Any) -> ScalingTable:
+    """A table with the same keys and structure holding ``matrices``
+    (and the keyword attributes given, such as ``source``)."""
     if set(matrices) != set(self._matrices):
       raise ValueError("replace() must give a matrix for every key.")
     return ScalingTable({k: matrices[k] for k in self._matrices},
                         self.structure, self.learned, self.kernels,
-                        **self._selection)
+                        **{**self._selection, **facts})
 
   @property
   def _selection(self) -> dict[str, Any]:
-    return dict(selected_by=self.selected_by, rank_skipped=self.rank_skipped)
+    return dict(selected_by=self.selected_by, rank_skipped=self.rank_skipped,
+                source=self.source)
 
   @functools.cached_property
   def names(self) -> tuple[str, ...]:
@@ -136,7 +146,7 @@ class ScalingTable(Mapping):
     keys = tuple(self._matrices)
     infos = tuple(self.kernels[k] for k in keys)
     return keys, (keys, self.structure, self.learned, infos,
-                  self.selected_by, self.rank_skipped)
+                  self.selected_by, self.rank_skipped, self.source)
 
   def tree_flatten_with_keys(self):
     keys, aux = self._aux()
@@ -148,10 +158,10 @@ class ScalingTable(Mapping):
 
   @classmethod
   def tree_unflatten(cls, aux, children) -> ScalingTable:
-    keys, structure, learned, infos, selected_by, rank_skipped = aux
+    keys, structure, learned, infos, selected_by, rank_skipped, source = aux
     return cls(dict(zip(keys, children)), structure, learned,
                dict(zip(keys, infos)), selected_by=selected_by,
-               rank_skipped=rank_skipped)
+               rank_skipped=rank_skipped, source=source)
 
 
 def _table_to_state_dict(table: ScalingTable) -> dict[str, Any]:
@@ -529,20 +539,34 @@ def _rank_skipped(params: Any, layouts: Any,
   return tuple(names)
 
 
+def _digest(scaling: Scaling) -> str | None:
+  """A digest of a constant array ``scaling`` (None for a preset or None)."""
+  if scaling is None or isinstance(scaling, str):
+    return None
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(scaling):
+    leaf = np.asarray(leaf)
+    digest.update(f"{leaf.shape}{leaf.dtype}".encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
 def _rereads(spec: _Spec, learned: bool, table: Any) -> bool:
   """Whether this update reads constant matrices from the spec again.
 
   ``optax.inject_hyperparams`` calls the factory with the state's current
   hyperparameters at every update, so an array ``scaling`` changed there
-  reaches the spec: eagerly it must apply. Under ``jit`` the injected array
-  is traced and :func:`_validated_spec` raises, and a closed-over one is the
-  one the table was built from, so a traced table is left as it is (and
-  keeps its sharding). Learned matrices belong to the refresh; presets and
-  ``None`` cannot change.
+  reaches the spec: eagerly it must apply. The table records a digest of the
+  scaling it was read from, so an unchanged scaling leaves the state's
+  matrices as they are (edited ones included). Under ``jit`` the injected
+  array is traced and :func:`_validated_spec` raises, and a closed-over one
+  is the one the table was built from. Learned matrices belong to the
+  refresh; presets and ``None`` cannot change.
   """
   return (not learned and isinstance(table, ScalingTable)
           and not (spec.scaling is None or isinstance(spec.scaling, str))
-          and all(_is_concrete(m) for m in table.values()))
+          and all(_is_concrete(m) for m in table.values())
+          and _digest(spec.scaling) != table.source)
 
 
 def _reread(spec: _Spec, table: ScalingTable, updates: Any,
@@ -563,7 +587,8 @@ def _reread(spec: _Spec, table: ScalingTable, updates: Any,
     return new if sharding is None else jax.device_put(new, sharding)
 
   return table.replace({name: like(m, table[name])
-                        for name, m in matrices.items()})
+                        for name, m in matrices.items()},
+                       source=_digest(spec.scaling))
 
 
 def _scale_by_table(spec: _Spec, learned: bool,
@@ -590,7 +615,8 @@ def _scale_by_table(spec: _Spec, learned: bool,
         matrices, structure, learned, kernels,
         selected_by=kernel_layout if isinstance(kernel_layout, str) else None,
         rank_skipped=_rank_skipped(params, layouts, kernel_layout)
-        if learned else ()))
+        if learned else (),
+        source=None if learned else _digest(spec.scaling)))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
