@@ -23,11 +23,11 @@ from sgs_optax._kernels import parse_layout
 from sgs_optax._kernels import resolve_layouts
 from sgs_optax._refresh import ConvInput
 from sgs_optax._refresh import refresh_scalings
-from sgs_optax._spatial import get_scalings
-from sgs_optax._spatial import ScalingTable
-from sgs_optax._spatial import sgs
-from sgs_optax._spatial import spatial_gradient_scaling
-from sgs_optax._spatial import SpatialScalingState
+from sgs_optax._scaling import ScalingTable
+from sgs_optax._sgs import get_scalings
+from sgs_optax._sgs import sgs
+from sgs_optax._sgs import spatial_gradient_scaling
+from sgs_optax._sgs import SpatialScalingState
 
 __version__ = "0.1.0"
 

@@ -35,8 +35,8 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +47,6 @@ from sgs_optax import _geometry
 Size = tuple[int, ...]
 SizeLike = int | Sequence[int]  # an int means the same size on every axis.
 Scale = Any  # a scalar or a (C_out,) array.
-
-PRESET_NAMES = ("acb", "repvgg", "replknet", "unireplknet")
 
 # RepLKNet-31B/L: every large kernel (31, 29, 27, 13) has a parallel 5x5
 # (`small_kernel=5` in DingXiaoH/RepLKNet-pytorch, replknet.py).
@@ -65,6 +63,90 @@ _UNIREPLKNET = {
     15: ((5, 7, 3, 3, 3), (1, 2, 3, 5, 7)),
     17: ((5, 9, 3, 3, 3), (1, 2, 4, 5, 7)),
 }
+
+
+class Preset(NamedTuple):
+  """A named branch set, built for each kernel's own (odd) size."""
+
+  summary: str  # the branches, as messages and docs name them.
+  reference: str  # where the branch set is defined.
+  # The branches and dilations for a kernel size, the main branch first.
+  build: Callable[[Size], tuple[list[Size], list[Size]]]
+  # Why the set is not defined for an (odd) kernel size, or None.
+  undefined: Callable[[Size], str | None]
+
+
+def _centred(size: Size, small: Sequence[int],
+             dilations: Sequence[int]) -> tuple[list[Size], list[Size]]:
+  """The kernel plus centred branches of the same size on every axis."""
+  n = len(size)
+  return ([size] + [(b,) * n for b in small],
+          [(1,) * n] + [(d,) * n for d in dilations])
+
+
+def _acb_undefined(size: Size) -> str | None:
+  if len(size) == 2:
+    return None
+  return (
+      f"the 'acb' preset (KxK + 1xK + Kx1) is defined for 2-D kernels "
+      f"only, not {len(size)}-D: in 1-D its asymmetric branches would be "
+      "the kernel itself (a uniform factor) or one tap ('repvgg'); in "
+      "3-D they could be lines (Kx1x1, 1xKx1, 1x1xK) or planes (KxKx1, "
+      "Kx1xK, 1xKxK). Build the set you mean with branch_scaling")
+
+
+def _replknet_undefined(size: Size) -> str | None:
+  if min(size) >= _REPLKNET_SMALL:
+    return None
+  return (f"the 'replknet' preset adds a centred {_REPLKNET_SMALL}-tap "
+          f"branch, which needs every axis of the kernel to be at least "
+          f"{_REPLKNET_SMALL}")
+
+
+def _unireplknet_undefined(size: Size) -> str | None:
+  if len(set(size)) == 1 and size[0] in _UNIREPLKNET:
+    return None
+  return (f"the 'unireplknet' preset is published for kernels of equal "
+          f"sizes {tuple(_UNIREPLKNET)} on every axis only")
+
+
+# Adding a preset is one entry here: `sgs`, `preset_branches` and the skip
+# rule all read this table.
+PRESETS: dict[str, Preset] = {
+    "acb": Preset(
+        "KxK + 1xK + Kx1, 2-D only", "ACNet (Ding et al., 2019)",
+        lambda s: ([s, (1, s[1]), (s[0], 1)], [(1, 1)] * 3), _acb_undefined),
+    "repvgg": Preset(
+        "the kernel + its centre tap, any rank", "RepVGG (Ding et al., 2021)",
+        lambda s: _centred(s, [1], [1]), lambda s: None),
+    "replknet": Preset(
+        "the kernel + a centred 5 taps per axis, every axis >= 5",
+        "RepLKNet (Ding et al., CVPR 2022)",
+        lambda s: _centred(s, [_REPLKNET_SMALL], [1]), _replknet_undefined),
+    "unireplknet": Preset(
+        "the kernel + the dilated small kernels of the Dilated Reparam "
+        "Block, equal sizes 5 to 17", "UniRepLKNet (Ding et al., CVPR 2024)",
+        lambda s: _centred(s, *_UNIREPLKNET[s[0]]), _unireplknet_undefined),
+}
+
+
+def preset(name: str) -> Preset:
+  """The registry entry of preset ``name``.
+
+  Raises:
+    ValueError: for an unknown preset name.
+
+  Examples:
+    >>> from sgs_optax import _branches
+    >>> _branches.preset("repvgg").reference
+    'RepVGG (Ding et al., 2021)'
+    >>> _branches.preset("replknet").undefined((3, 3))[:36]
+    "the 'replknet' preset adds a centred"
+  """
+  if isinstance(name, str) and name in PRESETS:
+    return PRESETS[name]
+  raise ValueError(
+      f"Unknown scaling preset {name!r}; expected one of {tuple(PRESETS)}.")
 
 
 def _kernel_size(kernel_size: Sequence[int]) -> Size:
@@ -93,6 +175,11 @@ def branch_offsets(kernel_size: Sequence[int], branch: SizeLike,
     ValueError: for sizes of the wrong length, a branch that spans more than
       the kernel, or one that cannot be centred (the kernel size minus the
       span ``(b - 1) * d + 1`` odd along an axis).
+
+  Examples:
+    >>> from sgs_optax import _branches
+    >>> _branches.branch_offsets((7, 7), 3, dilation=2)
+    (1, 1)
   """
   kernel_size = _kernel_size(kernel_size)
   n = len(kernel_size)
@@ -115,7 +202,13 @@ def branch_offsets(kernel_size: Sequence[int], branch: SizeLike,
 
 def branch_taps(kernel_size: Sequence[int], branch: SizeLike,
                 dilation: SizeLike = 1) -> tuple[slice, ...]:
-  """Index of the window positions a centred (dilated) branch covers."""
+  """Index of the window positions a centred (dilated) branch covers.
+
+  Examples:
+    >>> from sgs_optax import _branches
+    >>> _branches.branch_taps((7,), 3, dilation=2)
+    (slice(1, 6, 2),)
+  """
   n = len(_kernel_size(kernel_size))
   branch = _geometry.as_sizes(branch, n, "each branch", minimum=1)
   dilation = _geometry.as_sizes(dilation, n, "each dilation", minimum=1)
@@ -127,7 +220,13 @@ def branch_taps(kernel_size: Sequence[int], branch: SizeLike,
 def check_scales(
     branches: Sequence[SizeLike], scales: Sequence[Scale] | None
 ) -> list[np.ndarray]:
-  """One float64 scale array per branch (ones by default), validated."""
+  """One float64 scale array per branch (ones by default), validated.
+
+  Examples:
+    >>> from sgs_optax import _branches
+    >>> _branches.check_scales([3, 1], [2, [1.0, 0.5]])
+    [array(2.), array([1. , 0.5])]
+  """
   if not branches:
     raise ValueError(
         "branches is empty: a branch set needs at least one branch (its "
@@ -147,7 +246,13 @@ def check_scales(
 
 def check_dilations(branches: Sequence[SizeLike],
                      dilations: Sequence[SizeLike] | None) -> list[SizeLike]:
-  """One dilation per branch (1 by default); each is checked where used."""
+  """One dilation per branch (1 by default); each is checked where used.
+
+  Examples:
+    >>> from sgs_optax import _branches
+    >>> _branches.check_dilations([3, 3], None)
+    [1, 1]
+  """
   if dilations is None:
     return [1] * len(branches)
   if isinstance(dilations, (int, np.integer)) or len(dilations) != len(
@@ -303,6 +408,19 @@ def merge_branches(
       exactly one kernel ``kernel_k`` per branch (a branch left out of
       ``branches`` would be silently dropped from the merge); and for a
       kernel whose shape does not match its branch.
+
+  Examples:
+    A 3x3 + 1x1 pair (RepVGG without BatchNorm) folds into one 3x3 kernel;
+    the 1x1 branch lands on the centre tap.
+
+    >>> import jax.numpy as jnp, sgs_optax
+    >>> params = {"kernel_0": jnp.ones((3, 3, 1, 1)),
+    ...           "kernel_1": jnp.full((1, 1, 1, 1), 2.0)}
+    >>> merged = sgs_optax.merge_branches(params, (3, 3), [(3, 3), (1, 1)])
+    >>> merged["kernel"][:, :, 0, 0]
+    Array([[1., 1., 1.],
+           [1., 3., 1.],
+           [1., 1., 1.]], dtype=float32)
   """
   kernel_size = _kernel_size(kernel_size)
   n = len(kernel_size)
@@ -329,42 +447,6 @@ def merge_branches(
   return out
 
 
-def preset_skip_reason(name: str, kernel_size: Sequence[int]) -> str | None:
-  """Why preset ``name`` is not defined for an odd ``kernel_size``, or None.
-
-  Raises:
-    ValueError: for an unknown preset name.
-  """
-  size = tuple(int(k) for k in kernel_size)
-  if name == "acb":
-    if len(size) != 2:
-      return (
-          f"the 'acb' preset (KxK + 1xK + Kx1) is defined for 2-D kernels "
-          f"only, not {len(size)}-D: in 1-D its asymmetric branches would be "
-          "the kernel itself (a uniform factor) or one tap ('repvgg'); in "
-          "3-D they could be lines (Kx1x1, 1xKx1, 1x1xK) or planes (KxKx1, "
-          "Kx1xK, 1xKxK). Build the set you mean with branch_scaling"
-      )
-    return None
-  if name == "repvgg":
-    return None
-  if name == "replknet":
-    if min(size) < _REPLKNET_SMALL:
-      return (f"the 'replknet' preset adds a centred {_REPLKNET_SMALL}-tap "
-              f"branch, which needs every axis of the kernel to be at least "
-              f"{_REPLKNET_SMALL}")
-    return None
-  if name == "unireplknet":
-    if len(set(size)) != 1 or size[0] not in _UNIREPLKNET:
-      return (f"the 'unireplknet' preset is published for kernels of equal "
-              f"sizes {tuple(_UNIREPLKNET)} on every axis only")
-    return None
-  raise ValueError(
-      f"Unknown scaling preset {name!r}; expected one of {PRESET_NAMES}, an "
-      "array, a pytree of arrays, or None."
-  )
-
-
 def preset_branches(
     name: str, kernel_size: Sequence[int]
 ) -> tuple[list[Size], list[Size]]:
@@ -387,7 +469,8 @@ def preset_branches(
   are the unit-scale analogues.
 
   Args:
-    name: one of ``"acb"``, ``"repvgg"``, ``"replknet"``, ``"unireplknet"``.
+    name: a preset: ``"acb"``, ``"repvgg"``, ``"replknet"`` or
+      ``"unireplknet"``.
     kernel_size: the merged kernel's size, one int per spatial axis.
 
   Returns:
@@ -403,18 +486,8 @@ def preset_branches(
     ([(7, 7), (5, 5), (3, 3), (3, 3)], [(1, 1), (1, 1), (2, 2), (3, 3)])
   """
   size = _kernel_size(kernel_size)
-  reason = preset_skip_reason(name, size)
+  entry = preset(name)
+  reason = entry.undefined(size)
   if reason is not None:
     raise ValueError(f"Kernel size {size}: {reason}.")
-  n = len(size)
-  if name == "acb":
-    sizes = [size, (1, size[1]), (size[0], 1)]
-    return sizes, [(1, 1)] * 3
-  if name == "repvgg":
-    small, dilations = [1], [1]
-  elif name == "replknet":
-    small, dilations = [_REPLKNET_SMALL], [1]
-  else:
-    small, dilations = _UNIREPLKNET[size[0]]
-  branches = [size] + [(b,) * n for b in small]
-  return branches, [(1,) * n] + [(d,) * n for d in dilations]
+  return entry.build(size)

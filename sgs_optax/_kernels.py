@@ -149,13 +149,13 @@ def plain_arrays(tree: Any) -> Any:
   return tree if nnx is None else nnx.as_pure(tree)
 
 
-def _is_masked(x: Any) -> bool:
+def is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
 def is_layout_leaf(x: Any) -> bool:
   """Leaves of a layout tree: a layout string, ``None`` or a ``MaskedNode``."""
-  return x is None or isinstance(x, str) or _is_masked(x)
+  return x is None or isinstance(x, str) or is_masked(x)
 
 
 def path_name(path: tuple[Any, ...]) -> str:
@@ -198,7 +198,7 @@ def _from_rank(layout: Layout, include_dense: bool) -> Callable[[Any], Any]:
 
 def _checked(name: str, x: Any, layout: Any) -> Layout | None:
   """A user-given layout for leaf ``x``, validated; None where masked out."""
-  if layout is None or _is_masked(x) or _is_masked(layout):
+  if layout is None or is_masked(x) or is_masked(layout):
     return None
   try:
     axes = parse_layout(layout)
@@ -255,20 +255,20 @@ def resolve_layouts(
   """
   if isinstance(kernel_layout, str):
     return jax.tree.map(_from_rank(kernel_layout, include_dense), tree,
-                        is_leaf=_is_masked)
+                        is_leaf=is_masked)
   layouts = (kernel_layout(tree) if _is_layout_function(kernel_layout)
              else kernel_layout)
   try:
     # `tree` first: each of its leaves (or MaskedNodes) meets one entry of
     # the layout tree, where `None` is an empty subtree.
-    jax.tree.map(lambda *_: None, tree, layouts, is_leaf=_is_masked)
+    jax.tree.map(lambda *_: None, tree, layouts, is_leaf=is_masked)
   except ValueError as e:
     raise ValueError(
         f"kernel_layout pytree does not match the structure of the params: {e}"
     ) from None
   return jax.tree.map_with_path(
       lambda p, x, layout: _checked(path_name(p), x, layout),
-      tree, layouts, is_leaf=_is_masked,
+      tree, layouts, is_leaf=is_masked,
   )
 
 
@@ -278,8 +278,8 @@ def check_selects_a_leaf(transform: str, tree: Any, layouts: LayoutTree,
   silently do nothing. A tree whose leaves are all masked out, or that has
   none (the placeholder of ``optax.tree_utils.tree_map_params``), passes.
   """
-  leaves = [x for x in jax.tree.leaves(tree, is_leaf=_is_masked)
-            if not _is_masked(x)]
+  leaves = [x for x in jax.tree.leaves(tree, is_leaf=is_masked)
+            if not is_masked(x)]
   if not leaves or any(jax.tree.leaves(layouts)):
     return
   ranks = sorted({np.ndim(x) for x in leaves})
@@ -436,7 +436,7 @@ def check_plausible(transform: str, tree: Any, layouts: LayoutTree,
     return
 
   def check(name, layout, x):
-    if layout is None or _is_masked(x):
+    if layout is None or is_masked(x):
       return
     shape = tuple(np.shape(x))
     other = more_plausible_layout(shape, layout)

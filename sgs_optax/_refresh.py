@@ -22,7 +22,8 @@ import optax
 from sgs_optax import _dependence
 from sgs_optax import _kernels
 from sgs_optax import _mi_plan
-from sgs_optax import _spatial
+from sgs_optax import _scaling
+from sgs_optax import _sgs
 
 
 def _as_tuple(value: Any) -> Any:
@@ -110,18 +111,18 @@ def _captured_inputs(captured: Any) -> dict[str, tuple[ConvInput, ...]]:
   return records
 
 
-def _is_param_name(name: str, table: _spatial.ScalingTable) -> bool:
+def _is_param_name(name: str, table: _scaling.ScalingTable) -> bool:
   """Whether ``name`` is a leaf of the table's params, or under a masked one."""
   return any(name == n or name.startswith(n + "/") for n in table.names)
 
 
 def _learned_states(opt_state: optax.OptState):
-  states = _spatial.sgs_states(opt_state)
+  states = _sgs.sgs_states(opt_state)
   if not states:
     raise ValueError("refresh_scalings found no SpatialScalingState in the "
                      "optimizer state.")
   learned = [(path, s) for path, s in states
-             if isinstance(s.scalings, _spatial.ScalingTable)
+             if isinstance(s.scalings, _scaling.ScalingTable)
              and s.scalings.learned]
   if not learned:
     raise ValueError(
@@ -175,7 +176,7 @@ def _check_captured(records: dict[str, Any], tables) -> None:
 
 
 def _size_mismatch(name: str, captured: tuple[int, ...],
-                   info: _spatial.KernelInfo) -> str:
+                   info: _scaling.KernelShape) -> str:
   """Why a captured kernel size differs from the state's, axis order named."""
   axes = "".join(sorted((info.layout[a] for a in
                          _kernels.parse_layout(info.layout).spatial),
@@ -231,7 +232,7 @@ def _check_rank_skipped(records: dict[str, Any], tables) -> None:
 
 
 def _check_record(name: str, record: ConvInput,
-                  info: _spatial.KernelInfo) -> None:
+                  info: _scaling.KernelShape) -> None:
   """Raises if a record cannot be the input of the kernel ``info`` describes."""
   rank = len(info.size) + 2 + (info.layers is not None)
   shape = tuple(np.shape(record.inputs))
@@ -279,7 +280,7 @@ def _dependence_of(records: Sequence[ConvInput], size, *, k,
 
 
 def _holds_pixels(name: str, records: tuple[ConvInput, ...],
-                  info: _spatial.KernelInfo) -> bool:
+                  info: _scaling.KernelShape) -> bool:
   """False for a kernel without input channels (it has no entries, so no
   matrix can matter); raises for inputs without pixels."""
   if info.in_channels == 0:
@@ -293,7 +294,7 @@ def _holds_pixels(name: str, records: tuple[ConvInput, ...],
   return True
 
 
-def _new_matrix(name: str, matrix: jax.Array, info: _spatial.KernelInfo,
+def _new_matrix(name: str, matrix: jax.Array, info: _scaling.KernelShape,
                 records: tuple[ConvInput, ...], **stats) -> jax.Array:
   for record in records:
     _check_record(name, record, info)
@@ -326,12 +327,12 @@ def _new_matrix(name: str, matrix: jax.Array, info: _spatial.KernelInfo,
 
 
 def _refreshed(
-    tables: list[_spatial.ScalingTable],
+    tables: list[_scaling.ScalingTable],
     records: dict[str, tuple[ConvInput, ...]], **stats,
-) -> list[_spatial.ScalingTable]:
+) -> list[_scaling.ScalingTable]:
   """Each learned table with every matrix recomputed from its records."""
   return [table.replace({
-      name: _new_matrix(name, table[name], table.kernels[name],
+      name: _new_matrix(name, table[name], table.shapes[name],
                         records[name], **stats)
       for name in table}) for table in tables]
 
@@ -341,9 +342,9 @@ _refreshed_jit = jax.jit(
 
 
 def _refreshed_on(
-    device: jax.Device, tables: list[_spatial.ScalingTable],
+    device: jax.Device, tables: list[_scaling.ScalingTable],
     records: dict[str, tuple[ConvInput, ...]], **stats,
-) -> list[_spatial.ScalingTable]:
+) -> list[_scaling.ScalingTable]:
   """`_refreshed`, jitted on `device`, with the matrices moved back.
 
   Only the captured inputs and the learned matrices travel: the rest of the

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import sgs_optax
+from sgs_optax import _branches
 
 
 @pytest.mark.parametrize(
@@ -261,6 +262,49 @@ def test_preset_errors():
     sgs_optax.preset_branches("replknet", (31, 3))
   with pytest.raises(ValueError, match="published"):
     sgs_optax.preset_branches("unireplknet", (31, 31))
+
+
+# Odd kernel sizes of every rank: each preset is defined for some, not all.
+PRESET_SIZES = [(3,), (5,), (7,), (3, 3), (5, 5), (5, 7), (13, 13), (31, 31),
+                (3, 3, 3), (5, 5, 5), (19,)]
+
+
+@pytest.mark.parametrize("name", sorted(_branches.PRESETS))
+def test_every_registered_preset_is_read_alike_by_sgs_and_preset_branches(
+    name):
+  layouts = {1: "WIO", 2: "HWIO", 3: "DHWIO"}
+  defined = 0
+  for size in PRESET_SIZES:
+    kernel = jnp.ones((*size, 1, 2))
+    try:
+      branches, dilations = sgs_optax.preset_branches(name, size)
+    except ValueError as e:
+      # Not defined for this size: sgs leaves it alone, for the same reason,
+      # and strict=True raises it.
+      reason = _branches.PRESETS[name].undefined(size)
+      assert reason is not None and reason in str(e)
+      tx = sgs_optax.sgs(name, kernel_layout=layouts[len(size)], strict=True)
+      with pytest.raises(ValueError, match="strict.*not scaled"):
+        tx.init({"k": kernel})
+      continue
+    defined += 1
+    assert branches[0] == size  # the main branch first.
+    state = sgs_optax.sgs(name, kernel_layout=layouts[len(size)]).init(
+        {"k": kernel})
+    np.testing.assert_array_equal(
+        sgs_optax.get_scalings(state)["k"],
+        sgs_optax.branch_scaling(size, branches, dilations=dilations))
+  assert defined, f"{name} is defined for none of {PRESET_SIZES}"
+
+
+def test_registry_entries_are_documented_wherever_presets_are_listed():
+  for name, entry in _branches.PRESETS.items():
+    assert entry.summary and entry.reference
+    for documented in (sgs_optax.sgs, sgs_optax.preset_branches):
+      assert f'``"{name}"``' in documented.__doc__, (name, documented)
+  with pytest.raises(ValueError, match="unknown scaling preset 'dbb'.*"
+                     + ".*".join(map(repr, _branches.PRESETS))):
+    sgs_optax.sgs("dbb")
 
 
 ND_CASES = {  # kernel, branches, dilations, strides, padding, groups, input.

@@ -1,4 +1,4 @@
-"""Tests for sgs_optax._spatial (the SGS transform and its state)."""
+"""Tests for the SGS transform, its state and the reading of `scaling`."""
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +124,7 @@ def test_pytree_scaling_and_its_errors():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"scaling": "dbb"}, "Unknown scaling preset"),
+        ({"scaling": "dbb"}, "unknown scaling preset .dbb.. Pass one of"),
         ({"scaling": jnp.ones(3)}, "shape"),
         ({"scaling": jnp.array([[1.0, -1, 1]] * 3)}, "negative"),
         ({"scaling": jnp.array([[1.0, jnp.nan, 1]] * 3)}, "non-finite"),
@@ -308,10 +308,76 @@ def test_single_array_is_read_by_each_kernels_rank():
   # Meant for the 1-D kernel (its size) but a wrong channel count.
   with pytest.raises(ValueError, match="does not fit c1"):
     sgs_optax.sgs(matrix, kernel_layout="WIO").init({"c1": one_d})
-  # One kernel reading a shape two ways (3 layers of 3 taps, 3 outputs).
-  with pytest.raises(ValueError, match="ambiguous for s"):
-    sgs_optax.sgs(matrix, kernel_layout="LWIO").init(
-        {"s": jnp.ones((3, 3, 2, 3))})
+  # 3 layers of 3 taps, 3 outputs: one array is never per layer, so (3, 3)
+  # is one matrix per output channel, for every layer ...
+  stack = jax.random.normal(jax.random.key(3), (3, 3, 2, 3))
+  out, _ = apply(sgs_optax.sgs(matrix, kernel_layout="LWIO"), {"s": stack})
+  np.testing.assert_allclose(out["s"], stack * ACB3[None, :, None, :])
+  # ... while in a pytree the same shape could be either.
+  with pytest.raises(ValueError, match="for s: is ambiguous.*per stacked"):
+    sgs_optax.sgs({"s": matrix}, kernel_layout="LWIO").init({"s": stack})
+
+
+def test_one_array_is_the_matrix_or_one_per_output_channel():
+  grads = {"a": jax.random.normal(jax.random.key(0), (3, 5, 2, 4)),
+           "b": jax.random.normal(jax.random.key(1), (3, 5, 4, 4)),
+           "other": jax.random.normal(jax.random.key(2), (3, 3, 2, 4))}
+  rng = np.random.default_rng(0)
+  # The kernel's size: every (3, 5) kernel, each channel the same matrix.
+  matrix = rng.uniform(0.5, 2.0, (3, 5))
+  out, _ = apply(sgs_optax.sgs(jnp.asarray(matrix)), grads)
+  for name in ("a", "b"):
+    want = np.asarray(grads[name]).copy()
+    for i in range(3):
+      for j in range(5):
+        want[i, j] *= matrix[i, j]
+    np.testing.assert_allclose(out[name], want, rtol=1e-6)
+  assert out["other"] is grads["other"]
+  # The size plus output channels: output channel o gets matrix[..., o].
+  per_out = rng.uniform(0.5, 2.0, (3, 5, 4))
+  out, _ = apply(sgs_optax.sgs(jnp.asarray(per_out)), grads)
+  for name in ("a", "b"):
+    want = np.asarray(grads[name]).copy()
+    for o in range(4):
+      want[..., o] *= per_out[..., o][:, :, None]
+    np.testing.assert_allclose(out[name], want, rtol=1e-6)
+  # A stacked kernel uses either for every layer.
+  stack = jax.random.normal(jax.random.key(3), (2, 3, 5, 2, 4))
+  out, _ = apply(sgs_optax.sgs(jnp.asarray(per_out), kernel_layout="LHWIO"),
+                 {"s": stack})
+  np.testing.assert_allclose(
+      out["s"], np.asarray(stack) * per_out[None, :, :, None, :], rtol=1e-6)
+
+
+def test_one_array_per_stacked_layer_raises_and_names_the_pytree():
+  stack = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
+  per_layer = np.random.default_rng(0).uniform(0.5, 2.0, (2, 5))
+  for scaling in (per_layer, np.ones((2, 5, 4))):
+    with pytest.raises(ValueError, match=(
+        "does not fit s .*2 stacked layers.*never read per stacked layer.*"
+        "pytree")):
+      sgs_optax.sgs(jnp.asarray(scaling), kernel_layout="LWIO").init(
+          {"s": stack})
+  # The pytree form the message asks for: layer l gets per_layer[l].
+  out, _ = apply(sgs_optax.sgs({"s": jnp.asarray(per_layer)},
+                               kernel_layout="LWIO"), {"s": stack})
+  np.testing.assert_allclose(
+      out["s"], np.asarray(stack) * per_layer[:, :, None, None], rtol=1e-6)
+
+
+def test_one_array_that_means_two_things_raises_once_for_the_params():
+  # (5, 4): a 5x4 2-D kernel's matrix, and one per output channel of a 5-tap
+  # 1-D kernel with 4 outputs.
+  grads = {"c1": jnp.ones((5, 2, 4)), "c2": jnp.ones((5, 4, 2, 8))}
+  layouts = {"c1": "WIO", "c2": "HWIO"}
+  with pytest.raises(ValueError, match=(
+      "ambiguous: it fits c1 as a 1-D kernel's per-channel matrix; c2 as a "
+      "2-D kernel's matrix. Pass a params-shaped pytree")):
+    sgs_optax.sgs(jnp.ones((5, 4)), kernel_layout=layouts).init(grads)
+  # Either alone reads it.
+  for name, kernel in grads.items():
+    sgs_optax.sgs(jnp.ones((5, 4)), kernel_layout=layouts[name]).init(
+        {name: kernel})
 
 
 def test_large_kernel_presets_are_their_published_branch_sets():
