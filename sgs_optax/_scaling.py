@@ -149,8 +149,8 @@ class ScalingTable(Mapping):
 
   @property
   def _selection(self) -> dict[str, Any]:
-    return dict(selected_by=self.selected_by, rank_skipped=self.rank_skipped,
-                source=self.source)
+    return {"selected_by": self.selected_by,
+            "rank_skipped": self.rank_skipped, "source": self.source}
 
   @functools.cached_property
   def names(self) -> tuple[str, ...]:
@@ -335,10 +335,10 @@ def _array_misfit(shape: tuple[int, ...], ks: KernelShape) -> str | None:
   it is not meant for such a kernel (it does not start with its size)."""
   n, size = len(ks.size), ks.size
   if ks.layers is not None and shape[:n + 1] == (ks.layers, *size):
-    return (f"one array is never read per stacked layer. Pass a "
+    return (f"One array is never read per stacked layer: pass a "
             f"params-shaped pytree with the {shape} matrix at that kernel")
   if shape[:n] == size:
-    return (f"one array is the kernel's matrix, {size}, or one per output "
+    return (f"One array is the kernel's matrix, {size}, or one per output "
             f"channel, {(*size, ks.out_channels)}")
   return None
 

@@ -39,7 +39,6 @@ class SpatialScalingState(NamedTuple):
   scalings: ScalingTable
 
 
-
 # Docs and reprs show the public name; doctest then finds the class's
 # examples through `__test__` only.
 SpatialScalingState.__module__ = "sgs_optax"

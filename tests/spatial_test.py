@@ -93,7 +93,7 @@ def test_per_channel_matrix():
 
 def test_single_array_applies_to_matching_size_only():
   grads = make_params()
-  out, state = apply(sgs_optax.sgs(jnp.asarray(ACB3)), grads)
+  out, _ = apply(sgs_optax.sgs(jnp.asarray(ACB3)), grads)
   np.testing.assert_allclose(
       out["stem"]["kernel"], grads["stem"]["kernel"] * ACB3[:, :, None, None])
   np.testing.assert_array_equal(out["wide"]["kernel"], grads["wide"]["kernel"])
@@ -165,7 +165,7 @@ def test_strict_rejects_even_kernels():
 
 def test_normalize_divides_by_mean():
   grads = make_params()
-  out, state = apply(sgs_optax.sgs("acb", normalize=True), grads)
+  _, state = apply(sgs_optax.sgs("acb", normalize=True), grads)
   np.testing.assert_allclose(
       sgs_optax.get_scalings(state)["stem"]["kernel"], ACB3 / (15 / 9),
       rtol=1e-6)
