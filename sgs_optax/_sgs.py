@@ -97,21 +97,19 @@ def _scaled(table: ScalingTable, updates: Any, layouts: Any) -> Any:
     if name not in table:
       return grad
     if layout is None:
-      raise ValueError(
-          f"sgs has a matrix for {name} but kernel_layout selects no "
-          "kernel there at update time."
-      )
+      raise _scaling.error("sgs", f"the state has a matrix for {name}, but "
+                           "kernel_layout selects no kernel there at update "
+                           "time")
     seen.add(name)
     factor = _kernels.broadcast_to_kernel(table[name], layout)
     return (grad * factor).astype(grad.dtype)
 
   scaled = _kernels.map_layouts(scale, layouts, updates)
   if seen != set(table):
-    raise ValueError(
-        f"sgs state has matrices for {sorted(set(table) - seen)}, which "
-        "the updates do not hold: are they from the params the optimizer "
-        "was initialised with?"
-    )
+    raise _scaling.error(
+        "sgs", f"the state has matrices for {sorted(set(table) - seen)}, "
+        "which the updates do not hold", "Pass updates shaped like the "
+        "params the optimizer was initialised with")
   return scaled
 
 
@@ -328,14 +326,12 @@ def get_scalings(opt_state: optax.OptState) -> optax.Params:
   """
   states = sgs_states(opt_state)
   if len(states) != 1:
-    raise ValueError(
-        f"get_scalings expects exactly one SpatialScalingState in the "
-        f"optimizer state, found {len(states)}."
-    )
+    raise _scaling.error("get_scalings", "expects exactly one "
+                         "SpatialScalingState in the optimizer state, found "
+                         f"{len(states)}")
   table = states[0][1].scalings
   if not isinstance(table, ScalingTable):
-    raise ValueError(
-        "This SpatialScalingState was initialised without params (e.g. by "
-        "optax.tree_utils.tree_map_params): it holds no matrices."
-    )
+    raise _scaling.error("get_scalings", "the SpatialScalingState was "
+                         "initialised without params (e.g. by optax.tree_utils"
+                         ".tree_map_params) and holds no matrices")
   return table.as_params_tree()
