@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgs_optax import _geometry
 from sgs_optax import _mi_pairs
 from sgs_optax import _mi_plan
 
@@ -173,7 +174,7 @@ def position_extrema(
   highest = _all_reduce(jnp.max(hi, axis=spatial), jax.lax.pmax, axes)
   finite = jnp.all(jnp.isfinite(lowest)) & jnp.all(jnp.isfinite(highest))
   pad = (*plan.pads, (0, 0))
-  mode = _mi_pairs.JNP_PAD_MODES[plan.mode]
+  mode = _geometry.JNP_PAD_MODES[plan.mode]
   return jnp.pad(lo, pad, mode=mode), jnp.pad(hi, pad, mode=mode), finite
 
 
