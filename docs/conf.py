@@ -18,7 +18,6 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
-    "sphinx.ext.viewcode",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build"]
@@ -26,7 +25,15 @@ myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
 
 autosummary_generate = True
+templates_path = ["_templates"]
 autodoc_typehints = "description"
+# Annotations name public classes as users reach them, not by the private
+# module that defines them (annotations are strings: `from __future__ import
+# annotations`).
+autodoc_type_aliases = {
+    name: f"sgs_optax.{name}" for name in sgs_optax.__all__
+    if isinstance(getattr(sgs_optax, name), type)
+}
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": False}
 napoleon_google_docstring = True
@@ -36,3 +43,21 @@ napoleon_numpy_docstring = False
 suppress_warnings = ["myst.header"]
 html_theme = "alabaster"
 html_title = f"sgs_optax {release}"
+
+
+def _skip_foreign_members(app, what, name, obj, skip, options):
+  """Leaves out class members that sgs_optax does not define.
+
+  A dataclass field whose default is a function (``BranchedConv``'s
+  ``kernel_init``, a Flax initializer) would otherwise be listed as a method;
+  the class docstring documents it among its attributes.
+  """
+  del app, what, name, skip, options
+  module = getattr(obj, "__module__", None)
+  if callable(obj) and module and not module.startswith("sgs_optax"):
+    return True
+  return None
+
+
+def setup(app):
+  app.connect("autodoc-skip-member", _skip_foreign_members)

@@ -99,7 +99,8 @@ class BranchedConv(nn.Module):
     pads, mode = _geometry.explicit_pads(
         self.padding, spatial_shape=inputs.shape[1:-1],
         kernel_size=self.kernel_size, strides=self.strides)
-    return jnp.pad(inputs, ((0, 0), *pads, (0, 0)), mode=_geometry.JNP_PAD_MODES[mode])
+    return jnp.pad(inputs, ((0, 0), *pads, (0, 0)),
+                   mode=_geometry.JNP_PAD_MODES[mode])
 
   def _branch(self, index: int, padded: jax.Array, branch: Any,
               dilation: Any) -> jax.Array:

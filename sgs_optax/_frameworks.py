@@ -126,6 +126,13 @@ def box_hint(names: Iterable[str], others: Iterable[str]) -> str:
 
   Boxed params (``nn.with_partitioning`` gives ``nn.Partitioned`` leaves)
   name a kernel ``.../kernel/value``, unboxed ones ``.../kernel``.
+
+  Example:
+    >>> from sgs_optax import _frameworks
+    >>> bool(_frameworks.box_hint(["conv/kernel"], ["conv/kernel/value"]))
+    True
+    >>> _frameworks.box_hint(["conv/kernel"], ["dense/kernel"])
+    ''
   """
   others = set(others)
   boxed = lambda n: n + "/value" in others
@@ -160,6 +167,21 @@ def register_flax_serialization(
     cls: the class to register.
     to_state_dict: ``instance -> state dict``.
     from_state_dict: ``(target instance, state dict) -> instance``.
+
+  Example:
+    >>> import dataclasses
+    >>> import flax.serialization
+    >>> from sgs_optax import _frameworks
+    >>> @dataclasses.dataclass
+    ... class Box:
+    ...   value: float
+    >>> _frameworks.register_flax_serialization(
+    ...     Box, lambda box: {"value": box.value},
+    ...     lambda box, state: Box(state["value"]))
+    >>> flax.serialization.to_state_dict(Box(1.5))
+    {'value': 1.5}
+    >>> flax.serialization.from_state_dict(Box(0.0), {"value": 2.0})
+    Box(value=2.0)
   """
   serialization = _module("flax.serialization")
   if cls in _serializable or serialization is None:

@@ -84,7 +84,8 @@ def batch_chunks(
 
 def pad(chunk: jax.Array, plan: _mi_plan.Plan) -> jax.Array:
   return jnp.pad(
-      chunk, ((0, 0), *plan.pads, (0, 0)), mode=_geometry.JNP_PAD_MODES[plan.mode]
+      chunk, ((0, 0), *plan.pads, (0, 0)),
+      mode=_geometry.JNP_PAD_MODES[plan.mode]
   )
 
 
