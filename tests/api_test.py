@@ -24,6 +24,13 @@ FRAMEWORKS = {"flax", "equinox"}
 LOOKUPS = {"find_spec", "modules"}
 
 
+def with_pending(values, pending, reason):
+  """``values`` as test params, ``pending`` among them expected to fail
+  (non-strictly) until the work named in ``reason`` lands."""
+  mark = pytest.mark.xfail(strict=False, reason=reason)
+  return [pytest.param(v, marks=mark) if v == pending else v for v in values]
+
+
 def public_names():
   return sorted({*sgs_optax.__all__, "BranchedConv"})
 
@@ -45,14 +52,10 @@ def public_docstrings():
   return docs
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(
-        strict=False,
-        reason="merge_branches (in _branches.py) gets its example from the "
-        "helper that owns that module."))
-    if name == "merge_branches" else name
-    for name in public_names()
-])
+@pytest.mark.parametrize("name", with_pending(
+    public_names(), "merge_branches",
+    "merge_branches (in _branches.py) gets its example from the helper that "
+    "owns that module."))
 def test_every_public_callable_has_examples_in_its_own_docstring(name):
   obj = getattr(sgs_optax, name)
   # Its own docstring, not one inherited from a base class.
@@ -71,14 +74,10 @@ def _md_files():
   return sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md"))
 
 
-@pytest.mark.parametrize("page", [
-    pytest.param(page, marks=pytest.mark.xfail(
-        strict=False,
-        reason="docs/howto/sharded.md quotes an error message naming "
-        "sgs_optax._spatial.ScalingTable; the page's owner rewords it."))
-    if page == "howto/sharded.md" else page
-    for page in _md_files()
-])
+@pytest.mark.parametrize("page", with_pending(
+    _md_files(), "howto/sharded.md",
+    "docs/howto/sharded.md quotes an error message naming "
+    "sgs_optax._spatial.ScalingTable; the page's owner rewords it."))
 def test_docs_pages_name_no_private_module(page):
   text = (DOCS / page).read_text(encoding="utf-8")
   assert "sgs_optax._" not in text
@@ -111,15 +110,11 @@ def _package_modules():
                 if p.name not in FRAMEWORK_MODULES)
 
 
-@pytest.mark.parametrize("module", [
-    pytest.param(module, marks=pytest.mark.xfail(
-        strict=False,
-        reason="_spatial.py registers ScalingTable with flax.serialization "
-        "through sys.modules; its successor calls "
-        "_frameworks.register_flax_serialization."))
-    if module == "_spatial.py" else module
-    for module in _package_modules()
-])
+@pytest.mark.parametrize("module", with_pending(
+    _package_modules(), "_spatial.py",
+    "_spatial.py registers ScalingTable with flax.serialization through "
+    "sys.modules; its successor calls "
+    "_frameworks.register_flax_serialization."))
 def test_framework_code_lives_in_the_framework_modules(module):
   uses = _framework_uses(PACKAGE / module)
   assert not uses, f"{module} uses {uses}: move it to _frameworks.py."
