@@ -1,5 +1,6 @@
 """Sphinx configuration for the sgs_optax documentation."""
 
+import inspect
 import os
 import sys
 
@@ -27,6 +28,9 @@ myst_heading_anchors = 3
 autosummary_generate = True
 templates_path = ["_templates"]
 autodoc_typehints = "description"
+# Types of the parameters a docstring documents (and of the return value),
+# not of every dataclass field a class inherits.
+autodoc_typehints_description_target = "documented_params"
 # Annotations name public classes as users reach them, not by the private
 # module that defines them (annotations are strings: `from __future__ import
 # annotations`).
@@ -59,5 +63,23 @@ def _skip_foreign_members(app, what, name, obj, skip, options):
   return None
 
 
+def _drop_flax_fields(app, what, name, obj, options, signature,
+                      return_annotation):
+  """Leaves Flax's own dataclass fields out of a linen module's signature.
+
+  Every ``nn.Module`` takes ``parent`` and ``name``; they are Flax's API,
+  documented by Flax, not ``BranchedConv``'s.
+  """
+  del app, name, options
+  if what != "class" or not signature or not any(
+      c.__module__.startswith("flax.") for c in getattr(obj, "__mro__", ())):
+    return None
+  params = inspect.signature(obj).parameters.values()
+  kept = [p.replace(annotation=inspect.Parameter.empty) for p in params
+          if p.name not in ("parent", "name")]
+  return str(inspect.Signature(kept)), return_annotation
+
+
 def setup(app):
   app.connect("autodoc-skip-member", _skip_foreign_members)
+  app.connect("autodoc-process-signature", _drop_flax_fields)
