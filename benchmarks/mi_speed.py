@@ -65,8 +65,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgs_optax._dependence import spatial_dependence
-from sgs_optax._mi_plan import COUNTINGS
+from sgs_optax import spatial_dependence
+
+# The counting paths that `spatial_dependence(..., counting=...)` documents.
+COUNTINGS = ("scatter", "matmul")
 
 # (input channels, spatial size) of each 3x3 conv of a CIFAR VGG-11.
 VGG11_CONV_INPUTS = (

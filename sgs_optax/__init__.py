@@ -7,21 +7,21 @@ first use, so the core only depends on jax, optax, chex and numpy.
 """
 
 import importlib
-import importlib.util
 
 from sgs_optax._branches import branch_scaling
 from sgs_optax._branches import merge_branches
 from sgs_optax._branches import preset_branches
 from sgs_optax._capture import capture_conv_inputs
 from sgs_optax._capture import conv_layouts
-from sgs_optax._channel import cdg
-from sgs_optax._channel import channel_directed_gradients
+from sgs_optax._cdg import cdg
+from sgs_optax._cdg import channel_directed_gradients
 from sgs_optax._dependence import dependence_to_scaling
 from sgs_optax._dependence import spatial_dependence
+from sgs_optax._frameworks import flax_installed as _flax_installed
+from sgs_optax._geometry import ConvInput
 from sgs_optax._kernels import KernelAxes
 from sgs_optax._kernels import parse_layout
 from sgs_optax._kernels import resolve_layouts
-from sgs_optax._refresh import ConvInput
 from sgs_optax._refresh import refresh_scalings
 from sgs_optax._scaling import ScalingTable
 from sgs_optax._sgs import get_scalings
@@ -52,7 +52,7 @@ __all__ = [
     "spatial_dependence",
     "spatial_gradient_scaling",
 ]
-if importlib.util.find_spec("flax") is not None:
+if _flax_installed():
   # `from sgs_optax import *` must work without Flax, which BranchedConv needs.
   __all__.append("BranchedConv")
 

@@ -18,9 +18,6 @@ import jax.numpy as jnp
 from sgs_optax import _branches
 from sgs_optax import _geometry
 
-# How jnp.pad spells each fill of `_geometry.explicit_pads`.
-_PAD_MODES = {"zeros": "constant", "circular": "wrap", "reflect": "reflect"}
-
 
 class BranchedConv(nn.Module):
   """Parallel conv branches centred in a ``kernel_size`` window.
@@ -102,7 +99,8 @@ class BranchedConv(nn.Module):
     pads, mode = _geometry.explicit_pads(
         self.padding, spatial_shape=inputs.shape[1:-1],
         kernel_size=self.kernel_size, strides=self.strides)
-    return jnp.pad(inputs, ((0, 0), *pads, (0, 0)), mode=_PAD_MODES[mode])
+    return jnp.pad(inputs, ((0, 0), *pads, (0, 0)),
+                   mode=_geometry.JNP_PAD_MODES[mode])
 
   def _branch(self, index: int, padded: jax.Array, branch: Any,
               dilation: Any) -> jax.Array:

@@ -11,15 +11,15 @@ leaf (through casts, layout changes, elementwise arithmetic with constants,
 records the left operand (:func:`capture_conv_inputs`) and the letters the
 conv's dimension numbers give the leaf's axes (:func:`conv_layouts`, which
 runs the walk on abstract values only). The Flax linen, Flax NNX and Equinox
-entry points only build the plain function and the params to key by.
+front doors (in ``_frameworks.py``) only build the plain function and the
+params to key by.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex
 
+from sgs_optax import _frameworks
 from sgs_optax import _kernels
 from sgs_optax import _provenance
 from sgs_optax._provenance import Provenance
-from sgs_optax._refresh import ConvInput
+from sgs_optax._geometry import ConvInput
 
 _NONE = _provenance.NONE
 # Call-like primitives whose body runs inline (param holding the body).
@@ -371,71 +372,9 @@ def layouts_function(fn: Callable[..., Any], params: Any, *args,
   return treedef.unflatten(out)
 
 
-def _linen(entry, model, variables, /, *args, **kwargs):
-  if "mutable" in kwargs:
-    raise ValueError(
-        f"{entry} applies the model with mutable=True and discards every "
-        "mutation (BatchNorm statistics, sown values): drop mutable=. The "
-        "paper captures in eval mode: pass e.g. train=False."
-    )
-  if not isinstance(variables, Mapping) or "params" not in variables:
-    found = (f"keys {sorted(map(str, variables))}"
-             if isinstance(variables, Mapping)
-             else f"a value of type {type(variables).__name__}")
-    raise ValueError(
-        f"{entry}(linen_model, variables, *inputs): pass the variables dict "
-        "({'params': ...}, plus e.g. 'batch_stats') that the model is "
-        f"applied with, not the params alone; got {found}."
-    )
-
-  # The other collections (e.g. batch statistics) are traced inputs too,
-  # so that conv_layouts takes abstract ones.
-  rest = {k: v for k, v in variables.items() if k != "params"}
-
-  def fn(params, others, *a, **kw):
-    return model.apply({**others, "params": params}, *a, mutable=True, **kw)
-
-  return fn, variables["params"], (rest, *args), kwargs
-
-
-def _nnx(entry, model, /, *args, **kwargs):
-  del entry
-  nnx = sys.modules["flax.nnx"]
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  def fn(pure_params, *a, **kw):
-    copy = nnx.merge(graphdef, pure_params, rest)  # a copy: `model` stays.
-    copy.eval()
-    return copy(*a, **kw)
-
-  return fn, nnx.as_pure(params), args, kwargs
-
-
-def _equinox(entry, model, /, *args, **kwargs):
-  del entry
-  eqx = sys.modules["equinox"]
-  params, static = eqx.partition(model, eqx.is_array)
-  return (lambda p, *a, **kw: eqx.combine(p, static)(*a, **kw)), params, \
-      args, kwargs
-
-
-def _framework_door(model: Any):
-  """The entry point for a Flax or Equinox module, or None for a callable."""
-  linen = sys.modules.get("flax.linen")
-  nnx = sys.modules.get("flax.nnx")
-  eqx = sys.modules.get("equinox")
-  if linen is not None and isinstance(model, linen.Module):
-    return _linen
-  if nnx is not None and isinstance(model, nnx.Module):
-    return _nnx
-  if eqx is not None and isinstance(model, eqx.Module):
-    return _equinox
-  return None
-
-
 def _open(entry: str, model: Any, args, kwargs):
   """``(fn, params, args, kwargs)`` for a plain call ``fn(params, ...)``."""
-  door = _framework_door(model)
+  door = _frameworks.capture_door(model)
   if door is not None:
     return door(entry, model, *args, **kwargs)
   if not callable(model) or not args:

@@ -277,9 +277,8 @@ def spatial_dependence(
       in float32.
     kernel_size: odd sizes, one per spatial axis (for 2-D ``(kh, kw)``: rows
       of the result follow the H offsets, columns the W offsets).
-    padding: the conv's own padding, resolved by the rules of
-      ``sgs_optax._geometry.explicit_pads``: ``"SAME"``, ``"SAME_LOWER"`` or
-      ``"VALID"`` (as lax pads the conv, with ``strides`` and the dilated
+    padding: the conv's own padding, resolved as the conv resolves it:
+      ``"SAME"``, ``"SAME_LOWER"`` or ``"VALID"`` (as lax pads the conv, with ``strides`` and the dilated
       kernel); Flax's ``"CIRCULAR"``, ``"REFLECT"`` (``((k_eff - 1) // 2,
       k_eff // 2)`` per axis, and the matching fill) or ``"CAUSAL"`` (1-D);
       an int, or an int or a ``(lo, hi)`` pair per spatial axis.
@@ -376,6 +375,19 @@ def dependence_to_scaling(
   Raises:
     ValueError: if ``dependence`` is a scalar or has fewer than ``ndim``
       axes, or ``ndim`` is not positive.
+
+  Examples:
+    >>> import jax.numpy as jnp, sgs_optax
+    >>> d = jnp.array([[1.0, 2.0, 1.0], [2.0, 6.0, 2.0], [1.0, 2.0, 1.0]])
+    >>> sgs_optax.dependence_to_scaling(d)[1]
+    Array([1., 3., 1.], dtype=float32)
+
+    A stack of 1-D matrices, one per layer, each normalised on its own:
+
+    >>> sgs_optax.dependence_to_scaling(jnp.array([[1.0, 3.0, 2.0],
+    ...                                            [4.0, 4.0, 4.0]]), ndim=1)
+    Array([[0.5, 1.5, 1. ],
+           [1. , 1. , 1. ]], dtype=float32)
 
   References:
     Detkov et al., `Reparameterization through Spatial Gradient Scaling

@@ -6,7 +6,8 @@ The statistics of SGS's learned mode and the branched baseline both need the
 pads the conv really applies, per spatial axis, and what the padding is filled
 with. This module is the one place that turns any spelling into that, for any
 number of spatial axes, by the same rules as :func:`jax.lax.padtype_to_pads`
-and :class:`flax.linen.Conv`.
+and :class:`flax.linen.Conv`. It also holds :class:`ConvInput`, the record of
+a captured conv input with the geometry its kernel reads it with.
 
 Example:
   >>> from sgs_optax import _geometry
@@ -20,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 import operator
 from typing import Any, TypeAlias
@@ -31,6 +33,8 @@ Pads: TypeAlias = tuple[tuple[int, int], ...]
 PaddingLike: TypeAlias = str | int | Sequence[int | Sequence[int]]
 
 PAD_MODES = ("zeros", "circular", "reflect")
+# How `jnp.pad` spells each of `PAD_MODES`.
+JNP_PAD_MODES = {"zeros": "constant", "circular": "wrap", "reflect": "reflect"}
 _LAX_STRINGS = ("SAME", "SAME_LOWER", "VALID")
 # Flax pads the input with these fills, then runs a VALID conv.
 _FLAX_FILLS = {"CIRCULAR": "circular", "REFLECT": "reflect"}
@@ -207,3 +211,64 @@ def explicit_pads(
   if any(p < 0 for pair in pads for p in pair):
     raise ValueError(f"Negative padding is not supported, got {padding!r}.")
   return pads, mode
+
+
+def _as_tuple(value: Any) -> Any:
+  """Hashable, plain-int form of a geometry field (for static metadata)."""
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, Sequence) or isinstance(value, np.ndarray):
+    return tuple(_as_tuple(v) for v in value)
+  return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvInput:
+  """A conv layer's input and the geometry its kernel reads it with.
+
+  Attributes:
+    inputs: the input feature maps, channels last: ``(N, *spatial, C)``, or
+      ``(L, N, *spatial, C)`` for a stack of ``L`` layers (``nn.scan``). A
+      transposed (input-dilated) conv's input is recorded dilated, zeros
+      inserted, as its kernel sees it; a conv whose framework pads before the
+      conv (Flax's ``CIRCULAR``, ``REFLECT``) is recorded padded, with
+      ``VALID`` padding.
+    padding: explicit ``(low, high)`` pads per spatial axis (or a padding
+      string that :func:`sgs_optax.spatial_dependence` accepts).
+    dilation: the kernel dilation per spatial axis (default 1).
+    padding_mode: ``"zeros"``, ``"circular"`` or ``"reflect"``.
+    kernel_size: the conv's kernel size per spatial axis, checked against
+      the SGS state when given.
+    strides: the conv's strides per spatial axis (the statistics ignore
+      them, as the paper's code does).
+    feature_group_count: the conv's feature groups: ``C`` must equal the
+      kernel's input channels times this.
+
+  Examples:
+    >>> import jax.numpy as jnp, sgs_optax
+    >>> record = sgs_optax.ConvInput(jnp.ones((2, 8, 8, 3)), ((1, 1), (1, 1)),
+    ...                              kernel_size=(3, 3))
+    >>> record.inputs.shape, record.padding
+    ((2, 8, 8, 3), ((1, 1), (1, 1)))
+  """
+
+  inputs: jax.Array
+  padding: Any
+  dilation: tuple[int, ...] | None = None
+  padding_mode: str = "zeros"
+  kernel_size: tuple[int, ...] | None = None
+  strides: tuple[int, ...] | None = None
+  feature_group_count: int = 1
+
+  def __post_init__(self):
+    for name in ("padding", "dilation", "kernel_size", "strides",
+                 "feature_group_count"):
+      object.__setattr__(self, name, _as_tuple(getattr(self, name)))
+
+
+jax.tree_util.register_dataclass(
+    ConvInput,
+    data_fields=["inputs"],
+    meta_fields=["padding", "dilation", "padding_mode", "kernel_size",
+                 "strides", "feature_group_count"],
+)

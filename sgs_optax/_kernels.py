@@ -46,7 +46,6 @@ Leaves that ``optax.masked`` or ``optax.partition`` replaced by
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeAlias
 
@@ -54,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 
 Layout: TypeAlias = str
 LayoutTree: TypeAlias = Any  # a params-shaped pytree of `Layout | None`.
@@ -136,17 +136,6 @@ def parse_layout(layout: Layout) -> KernelAxes:
                             key=lambda i: _SPATIAL_LETTERS.index(letters[i])))
   return KernelAxes(spatial, layout.index("I"), layout.index("O"),
                     len(layout), stack, conv_order)
-
-
-def plain_arrays(tree: Any) -> Any:
-  """``tree`` with any Flax NNX ``Variable`` replaced by its value.
-
-  ``nnx.Optimizer`` initialises a transform with a state of Variables and
-  updates it with plain arrays; reading both the same way keeps the parameter
-  paths, hence the SGS state's keys, identical.
-  """
-  nnx = sys.modules.get("flax.nnx")
-  return tree if nnx is None else nnx.as_pure(tree)
 
 
 def is_masked(x: Any) -> bool:

@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgs_optax import _geometry
 from sgs_optax import _mi_pairs
 from sgs_optax import _mi_plan
 
@@ -173,7 +174,7 @@ def position_extrema(
   highest = _all_reduce(jnp.max(hi, axis=spatial), jax.lax.pmax, axes)
   finite = jnp.all(jnp.isfinite(lowest)) & jnp.all(jnp.isfinite(highest))
   pad = (*plan.pads, (0, 0))
-  mode = _mi_pairs.JNP_PAD_MODES[plan.mode]
+  mode = _geometry.JNP_PAD_MODES[plan.mode]
   return jnp.pad(lo, pad, mode=mode), jnp.pad(hi, pad, mode=mode), finite
 
 
@@ -261,43 +262,45 @@ def kept_ranges(
 class _Cells(NamedTuple):
   """Count tables of a group of consecutive live displacements (rows).
 
-  ``buf`` x ``buf`` cells per row and channel, ``stride`` cells apart, then
-  one spare cell per channel for the pairs that are not counted.
+  ``buffer_bins`` x ``buffer_bins`` cells per row and channel, ``stride``
+  cells apart, then one discard cell per channel for the pairs that are not
+  counted.
   """
 
   start: int  # first live row of the group
   rows: int
   channels: int
-  buf: int
+  buffer_bins: int
   stride: int
 
   @property
   def size(self) -> int:
     return self.rows * self.channels * self.stride
 
-  def spare(self) -> jax.Array:
-    # One spare cell per channel: a single one would chain every dropped add
+  def discard_cells(self) -> jax.Array:
+    # One discard cell per channel: a single one would chain every dropped add
     # on one address.
     return self.size + jnp.arange(self.channels, dtype=jnp.int32)
 
 
-def _channel_stride(buf: int) -> int:
+def _channel_stride(buffer_bins: int) -> int:
   """Cells between two channels' tables: whole 64-byte lines, an odd count.
 
   A power-of-two stride (16 x 16 bins is 1 KiB) maps every channel's busiest
   cell to the same few L1 sets; an odd number of lines spreads them over all.
   """
-  lines = -(-buf * buf // 16)
+  lines = -(-buffer_bins * buffer_bins // 16)
   return 16 * (lines | 1)
 
 
 def groups(plan: _mi_plan.Plan, channels: int) -> list[_Cells]:
   """Live displacements split so each group's tables stay bounded."""
-  live, buf = len(plan.live), plan.buf
-  stride = _channel_stride(buf)
+  live, buffer_bins = len(plan.live), plan.buffer_bins
+  stride = _channel_stride(buffer_bins)
   # Per row: its tables, and its sampled pair positions if any.
   size = max(1, _GROUP_CELLS // (channels * stride + (plan.subsample or 0)))
-  return [_Cells(start, min(size, live - start), channels, buf, stride)
+  return [_Cells(start, min(size, live - start), channels, buffer_bins,
+                 stride)
           for start in range(0, live, size)]
 
 
@@ -334,11 +337,11 @@ def _pair_bins(
 
 
 def _cell_ids(cells: _Cells, pairs: _PairBins) -> jax.Array:
-  """Flat table cell of each kept pair; the others go to spare cells."""
+  """Flat table cell of each kept pair; the others go to discard cells."""
   base = jnp.arange(cells.channels, dtype=jnp.int32) * cells.stride
   ids = (pairs.row * (cells.channels * cells.stride) + base
-         + pairs.ix * cells.buf + pairs.iy)
-  return jnp.where(pairs.keep, ids, cells.spare())
+         + pairs.ix * cells.buffer_bins + pairs.iy)
+  return jnp.where(pairs.keep, ids, cells.discard_cells())
 
 
 def _scatter_count(tables: jax.Array, ids: jax.Array, ones: jax.Array):
@@ -358,14 +361,14 @@ def _pipelined_counts(
     tables: jax.Array,
     num_steps: int,
     make_ids: Callable[[Any], list[jax.Array]],
-    spare: jax.Array,
+    discard: jax.Array,
 ) -> jax.Array:
   """Counts `make_ids(i)` for i in [0, num_steps) into `tables`.
 
   Software-pipelined: step i scatters the ids that step i - 1 left in the loop
   carry. On CPU, ids computed in the same step as their scatter get fused
   behind a flattening copy that compiles to slow scalar code. The carry starts
-  at the `spare` cells (broadcast along the last, channel, axis) and
+  at the `discard` cells (broadcast along the last, channel, axis) and
   `make_ids(num_steps)` must send everything there, so there is no prologue
   or epilogue to compile twice.
   """
@@ -376,7 +379,7 @@ def _pipelined_counts(
 
   shapes = jax.eval_shape(step_ids, 0)
   pending = [
-      jnp.broadcast_to(spare[:, None], sd.shape).astype(jnp.int32)
+      jnp.broadcast_to(discard[:, None], sd.shape).astype(jnp.int32)
       for sd in shapes
   ]
   ones = [jnp.ones(sd.shape[:-1], jnp.int32) for sd in shapes]
@@ -392,7 +395,7 @@ def _pipelined_counts(
 
 
 def _scatter_tables(cells: _Cells) -> jax.Array:
-  # Every table of the group in one flat buffer, then the spare cells.
+  # Every table of the group in one flat buffer, then the discard cells.
   return jnp.zeros((cells.size + cells.channels,), jnp.int32)
 
 
@@ -400,13 +403,14 @@ def _scatter_walk(
     tables: jax.Array, cells: _Cells, num_steps: int, step_bins: _StepBins
 ) -> jax.Array:
   make_ids = lambda i: [_cell_ids(cells, pairs) for pairs in step_bins(i)]
-  return _pipelined_counts(tables, num_steps, make_ids, cells.spare())
+  return _pipelined_counts(tables, num_steps, make_ids, cells.discard_cells())
 
 
 def _scatter_joint(tables: jax.Array, cells: _Cells) -> jax.Array:
   joint = tables[:cells.size].reshape(cells.rows, cells.channels, cells.stride)
-  joint = joint[..., :cells.buf * cells.buf]
-  return joint.reshape(cells.rows, cells.channels, cells.buf, cells.buf)
+  n = cells.buffer_bins
+  joint = joint[..., :n * n]
+  return joint.reshape(cells.rows, cells.channels, n, n)
 
 
 def _scatter_elements(cells: _Cells, per_step: int) -> int:
@@ -425,7 +429,7 @@ def _onehot_counts(cells: _Cells, pairs: _PairBins) -> jax.Array:
   up to 2**24, so the pairs are cut into pieces of at most that many; the
   pieces' counts are summed in int32.
   """
-  c, buf = cells.channels, cells.buf
+  c, buffer_bins = cells.channels, cells.buffer_bins
   keep = jnp.broadcast_to(pairs.keep, pairs.ix.shape)
   # Channels lead: they are the batch axis of the product.
   ix, iy, keep = (a.reshape(-1, c).T for a in (pairs.ix, pairs.iy, keep))
@@ -435,7 +439,7 @@ def _onehot_counts(cells: _Cells, pairs: _PairBins) -> jax.Array:
   if extra:  # padding pairs are not kept
     ix, iy, keep = (jnp.pad(a, ((0, 0), (0, extra))) for a in (ix, iy, keep))
   ix, iy, keep = (a.reshape(c, pieces, -1) for a in (ix, iy, keep))
-  bins = jnp.arange(buf, dtype=jnp.int32)
+  bins = jnp.arange(buffer_bins, dtype=jnp.int32)
   on_x = jnp.where(keep[..., None] & (ix[..., None] == bins), 1.0, 0.0)
   on_y = jnp.where(iy[..., None] == bins, 1.0, 0.0)
   # Highest precision: a TPU's default bf16 passes would round the sums.
@@ -447,8 +451,8 @@ def _onehot_counts(cells: _Cells, pairs: _PairBins) -> jax.Array:
 
 
 def _matmul_tables(cells: _Cells) -> jax.Array:
-  return jnp.zeros((cells.rows, cells.channels, cells.buf, cells.buf),
-                   jnp.int32)
+  n = cells.buffer_bins
+  return jnp.zeros((cells.rows, cells.channels, n, n), jnp.int32)
 
 
 def _matmul_walk(
@@ -465,7 +469,7 @@ def _matmul_walk(
 
 def _matmul_elements(cells: _Cells, per_step: int) -> int:
   # The one-hot indicators of a step hold B times its pixels.
-  return max(1, _ONEHOT_ELEMENTS // (cells.buf * max(per_step, 1)))
+  return max(1, _ONEHOT_ELEMENTS // (cells.buffer_bins * max(per_step, 1)))
 
 
 class _Form(NamedTuple):
@@ -579,7 +583,7 @@ def count_group(
     inputs: jax.Array, key: jax.Array | None, plan: _mi_plan.Plan,
     ranges: _Ranges, cells: _Cells, axes: tuple[str, ...],
 ) -> jax.Array:
-  """Joint histograms of one group of displacements: (G, C, buf, buf).
+  """Joint histograms of one group of displacements: (G, C, B, B), B bins.
 
   Counted as ``plan.counting`` says; ``None`` picks by the platform the
   computation is compiled for: scatter-adds on CPU, one-hot products on GPU

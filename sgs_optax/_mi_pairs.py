@@ -43,10 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgs_optax import _geometry
 from sgs_optax import _mi_plan
 
-# jnp.pad's name for each padding fill.
-JNP_PAD_MODES = {"zeros": "constant", "circular": "wrap", "reflect": "reflect"}
 # Windows with more displacements than this are counted in a loop over them
 # rather than unrolled, so that compile time stays flat as windows grow.
 UNROLLED_ROWS = 8
@@ -85,7 +84,8 @@ def batch_chunks(
 
 def pad(chunk: jax.Array, plan: _mi_plan.Plan) -> jax.Array:
   return jnp.pad(
-      chunk, ((0, 0), *plan.pads, (0, 0)), mode=JNP_PAD_MODES[plan.mode]
+      chunk, ((0, 0), *plan.pads, (0, 0)),
+      mode=_geometry.JNP_PAD_MODES[plan.mode]
   )
 
 

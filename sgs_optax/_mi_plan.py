@@ -17,7 +17,7 @@ Example:
   ...     padding_mode="zeros", diagonal_removal=False, subsample=None)
   >>> plan.taps  # one of each +/- pair
   ((-1, -1), (-1, 0), (-1, 1), (0, -1))
-  >>> plan.pads, plan.pairs(0), plan.buf
+  >>> plan.pads, plan.pairs(0), plan.buffer_bins
   (((1, 1), (1, 1)), 2312, 13)
 """
 
@@ -74,7 +74,7 @@ class Plan(NamedTuple):
     return tuple(j for j in range(len(self.taps)) if self.pairs(j) > 0)
 
   @property
-  def buf(self) -> int:
+  def buffer_bins(self) -> int:
     """Bins of the static buffer: the most any live displacement needs."""
     return max([sturges(self.pairs(j)) for j in self.live], default=1)
 

@@ -2,15 +2,15 @@
 
 The learned mode of SGS (Detkov et al., 2023) recomputes each layer's matrix
 from the mutual information between neighbouring pixels of the layer's input
-every few epochs. This module holds the record of a captured conv input
-(:class:`ConvInput`) and the jittable :func:`refresh_scalings`; capturing the
-inputs lives in ``_capture.py``, the statistics in ``_dependence.py``.
+every few epochs. This module holds the jittable :func:`refresh_scalings`;
+the record of a captured conv input (:class:`ConvInput`) lives with the conv
+geometry in ``_geometry.py``, capturing the inputs in ``_capture.py``, the
+statistics in ``_dependence.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,73 +20,12 @@ import numpy as np
 import optax
 
 from sgs_optax import _dependence
+from sgs_optax import _frameworks
 from sgs_optax import _kernels
 from sgs_optax import _mi_plan
 from sgs_optax import _scaling
 from sgs_optax import _sgs
-
-
-def _as_tuple(value: Any) -> Any:
-  """Hashable, plain-int form of a geometry field (for static metadata)."""
-  if value is None or isinstance(value, str):
-    return value
-  if isinstance(value, Sequence) or isinstance(value, np.ndarray):
-    return tuple(_as_tuple(v) for v in value)
-  return int(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvInput:
-  """A conv layer's input and the geometry its kernel reads it with.
-
-  Attributes:
-    inputs: the input feature maps, channels last: ``(N, *spatial, C)``, or
-      ``(L, N, *spatial, C)`` for a stack of ``L`` layers (``nn.scan``). A
-      transposed (input-dilated) conv's input is recorded dilated, zeros
-      inserted, as its kernel sees it; a conv whose framework pads before the
-      conv (Flax's ``CIRCULAR``, ``REFLECT``) is recorded padded, with
-      ``VALID`` padding.
-    padding: explicit ``(low, high)`` pads per spatial axis (or a padding
-      string that :func:`sgs_optax.spatial_dependence` accepts).
-    dilation: the kernel dilation per spatial axis (default 1).
-    padding_mode: ``"zeros"``, ``"circular"`` or ``"reflect"``.
-    kernel_size: the conv's kernel size per spatial axis, checked against
-      the SGS state when given.
-    strides: the conv's strides per spatial axis (the statistics ignore
-      them, as the paper's code does).
-    feature_group_count: the conv's feature groups: ``C`` must equal the
-      kernel's input channels times this.
-
-  Examples:
-    >>> import jax.numpy as jnp, sgs_optax
-    >>> record = sgs_optax.ConvInput(jnp.ones((2, 8, 8, 3)), ((1, 1), (1, 1)),
-    ...                              kernel_size=(3, 3))
-    >>> record.inputs.shape, record.padding
-    ((2, 8, 8, 3), ((1, 1), (1, 1)))
-  """
-
-  inputs: jax.Array
-  padding: Any
-  dilation: tuple[int, ...] | None = None
-  padding_mode: str = "zeros"
-  kernel_size: tuple[int, ...] | None = None
-  strides: tuple[int, ...] | None = None
-  feature_group_count: int = 1
-
-  def __post_init__(self):
-    for name in ("padding", "dilation", "kernel_size", "strides",
-                 "feature_group_count"):
-      object.__setattr__(self, name, _as_tuple(getattr(self, name)))
-
-
-jax.tree_util.register_dataclass(
-    ConvInput,
-    data_fields=["inputs"],
-    meta_fields=["padding", "dilation", "padding_mode", "kernel_size",
-                 "strides", "feature_group_count"],
-)
-
-Records = ConvInput | tuple[ConvInput, ...]
+from sgs_optax._geometry import ConvInput
 
 
 def _is_record(x: Any) -> bool:
@@ -133,25 +72,6 @@ def _learned_states(opt_state: optax.OptState):
   return learned
 
 
-def _box_hint(names, others) -> str:
-  """A hint if ``names`` and ``others`` differ only by Flax metadata boxes.
-
-  Boxed params (``nn.with_partitioning`` gives ``nn.Partitioned`` leaves)
-  name a kernel ``.../kernel/value``, unboxed ones ``.../kernel``.
-  """
-  others = set(others)
-  boxed = lambda n: n + "/value" in others
-  unboxed = lambda n: n.endswith("/value") and n[:-len("/value")] in others
-  if not any(boxed(n) or unboxed(n) for n in names):
-    return ""
-  return (" The captured inputs and the optimizer's params differ by Flax "
-          "metadata boxes (a kernel boxed by nn.with_partitioning is named "
-          "'.../kernel/value'): capture with the params in the form the "
-          "optimizer was initialised with, boxed or unboxed, e.g. "
-          "capture_conv_inputs(model, nn.unbox(variables), x) for an "
-          "optimizer on nn.unbox-ed params.")
-
-
 def _check_captured(records: dict[str, Any], tables) -> None:
   for name in records:
     if not any(_is_param_name(name, t) for t in tables):
@@ -159,12 +79,12 @@ def _check_captured(records: dict[str, Any], tables) -> None:
           f"captured conv input {name!r} is not a parameter of the model "
           "the optimizer was initialised with: key the captured inputs like "
           "the params the optimizer sees (without a top-level 'params')."
-          + _box_hint([name], [n for t in tables for n in t.names])
+          + _frameworks.box_hint([name], [n for t in tables for n in t.names])
       )
   for table in tables:
     missing = [name for name in table if name not in records]
     if missing:
-      cause = _box_hint(missing, records) or (
+      cause = _frameworks.box_hint(missing, records) or (
           " Was each of these layers called in the captured forward pass? "
           "Or is its kernel computed from several params (e.g. "
           "nn.WeightNorm, nn.SpectralNorm), which capture does not follow?")
@@ -366,17 +286,6 @@ def _refreshed_on(
   return jax.tree.map(back, new, tables)
 
 
-def _write_back(original: Any, refreshed: Any) -> Any:
-  """NNX: update the Variables of ``original`` in place; else ``refreshed``."""
-  nnx = sys.modules.get("flax.nnx")
-  is_variable = lambda x: nnx is not None and isinstance(x, nnx.Variable)
-  if not any(is_variable(x) for x in jax.tree.leaves(
-      original, is_leaf=is_variable)):
-    return refreshed
-  nnx.update(original, nnx.state(refreshed))
-  return original
-
-
 def refresh_scalings(
     opt_state: optax.OptState,
     captured: Any,
@@ -472,8 +381,8 @@ def refresh_scalings(
     Detkov et al., `Reparameterization through Spatial Gradient Scaling
     <https://arxiv.org/abs/2303.02733>`_, ICLR 2023.
   """
-  original, opt_state = opt_state, _kernels.plain_arrays(opt_state)
-  records = _captured_inputs(_kernels.plain_arrays(captured))
+  original, opt_state = opt_state, _frameworks.plain_arrays(opt_state)
+  records = _captured_inputs(_frameworks.plain_arrays(captured))
   learned = _learned_states(opt_state)
   tables = [s.scalings for _, s in learned]
   _check_captured(records, tables)
@@ -490,4 +399,4 @@ def refresh_scalings(
     opt_state = optax.tree_utils.tree_set(
         opt_state, lambda p, _, path=path: p == path,
         SpatialScalingState=state._replace(scalings=new))
-  return _write_back(original, opt_state)
+  return _frameworks.write_back(original, opt_state)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgs_optax import _branches
+from sgs_optax import _frameworks
 from sgs_optax import _kernels
 
 Scaling = Any  # None, a preset name, an array, or a params-shaped tree.
@@ -123,7 +123,8 @@ class ScalingTable(Mapping):
     self.selected_by = selected_by
     self.rank_skipped = tuple(rank_skipped)
     self.source = source
-    _register_with_flax()
+    _frameworks.register_flax_serialization(
+        ScalingTable, _table_to_state_dict, _table_from_state_dict)
 
   def __getitem__(self, name: str) -> Any:
     return self._matrices[name]
@@ -204,24 +205,6 @@ def _table_from_state_dict(table: ScalingTable,
         f"The saved SGS matrices are for {sorted(state)}, the state to "
         f"restore into has {sorted(table)}: is it the same model?")
   return table.replace(state)
-
-
-_flax_registered = False
-
-
-def _register_with_flax() -> None:
-  """Lets ``flax.serialization`` (``to_bytes``, ``from_bytes``) save tables.
-
-  Flax is optional; whoever serialises a state with it has imported it by
-  the time a table is built, and the table then registers itself, once.
-  """
-  global _flax_registered
-  serialization = sys.modules.get("flax.serialization")
-  if _flax_registered or serialization is None:
-    return
-  serialization.register_serialization_state(
-      ScalingTable, _table_to_state_dict, _table_from_state_dict)
-  _flax_registered = True
 
 
 class Spec(NamedTuple):

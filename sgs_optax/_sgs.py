@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sgs_optax import _frameworks
 from sgs_optax import _kernels
 from sgs_optax import _scaling
 from sgs_optax._scaling import ScalingTable
@@ -68,7 +69,7 @@ def _init_fn(spec: _scaling.Spec, learned: bool,
              kernel_layout: _kernels.KernelLayoutSpec, params: optax.Params
              ) -> SpatialScalingState:
   """Reads the spec for the params' kernels into the state's table."""
-  params = _kernels.plain_arrays(params)
+  params = _frameworks.plain_arrays(params)
   if not jax.tree.leaves(params, is_leaf=_kernels.is_masked):
     # `optax.tree_utils.tree_map_params` calls init with a leafless
     # placeholder to find the params-shaped parts of the state (optax's

@@ -380,7 +380,7 @@ def test_batch_chunking_with_a_ragged_last_chunk(tuning):
   # The matmul form's chunks are sized by their one-hot indicators: buf
   # bins per pixel, for the 4 displacements of a step.
   buf = _mi_plan.make_plan(x.shape, (3, 3), "SAME", 1, 1, "zeros", False,
-                           None).buf
+                           None).buffer_bins
   tuning(_mi_counts, "_ONEHOT_ELEMENTS", 2 * 7 * 7 * 3 * buf * 4)
   # Float32 sums of at most 5 pairs at once: a step's 72 or 84 pairs per
   # channel and row in 15 or 17 pieces, the last padded with dropped pairs.

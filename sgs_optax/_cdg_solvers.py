@@ -262,7 +262,7 @@ def dense_operator(
 
     >>> import jax.numpy as jnp
     >>> import numpy as np
-    >>> from sgs_optax import _channel_solvers as solvers
+    >>> from sgs_optax import _cdg_solvers as solvers
     >>> lam = jnp.float32(1.0)
     >>> op = solvers.dense_operator(4, lam, 'sobolev', 'periodic')
     >>> print(np.round(np.asarray(op), 3))

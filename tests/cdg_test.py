@@ -1,4 +1,4 @@
-"""Tests for sgs_optax._channel (Channel-Directed Gradients).
+"""Tests for sgs_optax._cdg (Channel-Directed Gradients).
 
 Golden values come from dense n x n matrices built from each metric's
 definition (the Laplacian written out entry by entry, inverted by numpy) and
@@ -15,8 +15,8 @@ import optax
 import pytest
 
 from sgs_optax import sgs
-from sgs_optax._channel import cdg
-from sgs_optax._channel import channel_directed_gradients
+from sgs_optax._cdg import cdg
+from sgs_optax._cdg import channel_directed_gradients
 
 METRICS = ("sobolev", "reweighted_l2", "reweighted_sobolev")
 BOUNDARIES = ("periodic", "neumann")

@@ -4,7 +4,7 @@ Lao et al. (2020) take a conv kernel's gradient with respect to a metric ``G``
 that couples neighbouring *output channels*. Every fibre ``g`` of the gradient
 along the output-channel axis becomes ``G^{-1} g``. The metrics and the three
 ways to apply them (``"fft"``, ``"dense"``, ``"tridiagonal"``) live in
-:mod:`sgs_optax._channel_solvers`, one table each; this module chooses a
+:mod:`sgs_optax._cdg_solvers`, one table each; this module chooses a
 solver, keeps shardings and maps the transform over the params. The paper's
 exact formulas could not be read when this was written; the metrics are the
 ones derived in the package's specification from its description.
@@ -39,21 +39,21 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sgs_optax import _channel_solvers as solvers
-from sgs_optax._channel_solvers import BOUNDARIES
-from sgs_optax._channel_solvers import METRICS
+from sgs_optax import _cdg_solvers as solvers
+from sgs_optax._cdg_solvers import BOUNDARIES
+from sgs_optax._cdg_solvers import METRICS
+from sgs_optax._frameworks import plain_arrays
 from sgs_optax._kernels import check_plausible
 from sgs_optax._kernels import check_selects_a_leaf
 from sgs_optax._kernels import KernelLayoutSpec
 from sgs_optax._kernels import Layout
 from sgs_optax._kernels import map_layouts
 from sgs_optax._kernels import parse_layout
-from sgs_optax._kernels import plain_arrays
 from sgs_optax._kernels import resolve_layouts
 
 SOLVERS = tuple(solvers.SOLVERS)
 
-# The default `smoothing` of each metric (see `_channel_solvers.METRICS`).
+# The default `smoothing` of each metric (see `_cdg_solvers.METRICS`).
 DEFAULT_SMOOTHING = {
     name: metric.default_smoothing for name, metric in METRICS.items()
 }
@@ -67,7 +67,7 @@ _MOST_TRIDIAGONAL_COST = 50
 
 def _cpu_solver(metric: str, n: int) -> str:
   """``solver=None`` on CPU: the fastest exact solver, as measured."""
-  if (METRICS[metric].tridiagonal
+  if (solvers.metric_of(metric).tridiagonal
       and solvers.tridiagonal_cost(n) <= _MOST_TRIDIAGONAL_COST):
     return "tridiagonal"
   return "fft"
@@ -218,7 +218,7 @@ class _Operands:
   """One update's smoothing and solver operands, built once per channel count.
 
   A concrete smoothing gives constants (cached across updates); a traced one
-  is mapped by :func:`_channel_solvers.usable_smoothing` and its operands are
+  is mapped by :func:`_cdg_solvers.usable_smoothing` and its operands are
   built in the graph, once per update for each channel count and dtype.
   """
 
@@ -257,7 +257,7 @@ def _transform(
   # FFTs in half precision lose most of the signal: compute in >= float32.
   dtype = jnp.promote_types(g.dtype, jnp.float32)
   x = g.astype(dtype)
-  if METRICS[operands.metric].mean_and_rest:
+  if solvers.metric_of(operands.metric).mean_and_rest:
     # The constant fibre is the only j = 0 mode of either boundary. The mean
     # over a sharded channel axis is a cross-device sum of one value per
     # fibre, cheaper than a swap.
@@ -298,7 +298,8 @@ def _check_smoothing(
     raise ValueError(
         f"smoothing must be finite and > 0, got {value} (metric={metric!r})."
     )
-  if value < METRICS[metric].least_smoothing and not allow_amplification:
+  least = solvers.metric_of(metric).least_smoothing
+  if value < least and not allow_amplification:
     raise ValueError(
         f"metric={metric!r} with smoothing={value} < 1 amplifies every "
         "non-constant channel mode by up to 1/smoothing; pass "
@@ -314,7 +315,7 @@ def _check_options(metric: str, boundary: str, solver: str | None) -> None:
   if solver is not None and solver not in SOLVERS:
     raise ValueError(
         f"Unknown solver {solver!r}: expected None or one of {SOLVERS}.")
-  if solver == "tridiagonal" and not METRICS[metric].tridiagonal:
+  if solver == "tridiagonal" and not solvers.metric_of(metric).tridiagonal:
     raise ValueError(
         f"solver='tridiagonal' solves metric='sobolev' only, not {metric!r}: "
         "use 'fft', 'dense' or None.")
@@ -347,7 +348,7 @@ def _transform_leaf(
 
 
 def channel_directed_gradients(
-    smoothing: jax.typing.ArrayLike | None = None,
+    smoothing: float | jax.Array | None = None,
     *,
     metric: str = "sobolev",
     boundary: str = "periodic",
@@ -433,7 +434,7 @@ def channel_directed_gradients(
       callable returning one. A string selects every leaf of its rank; 1-D and
       3-D conv kernels are selected only when a layout tree or callable names
       them (a leading ``"L"`` marks stacked layers, each smoothed on its
-      own). See :mod:`sgs_optax._kernels`.
+      own). See the kernel layouts guide and :func:`sgs_optax.parse_layout`.
     mask: optional optax-style boolean mask (pytree, prefix or callable); the
       transform is then ``optax.masked(..., mask)``, so it only removes leaves
       from the selection.

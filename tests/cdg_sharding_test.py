@@ -3,7 +3,7 @@
 One subprocess on 8 simulated CPU devices (XLA_FLAGS must be set before jax
 starts) runs every check and writes one JSON record per check; the tests
 below assert on those records. References are dense numpy solves
-(`channel_test.dense_inverse_metric`), never the FFT code under test.
+(`cdg_test.dense_inverse_metric`), never the FFT code under test.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from _devices import run_on_devices
-from channel_test import apply_along
-from channel_test import dense_inverse_metric
+from cdg_test import apply_along
+from cdg_test import dense_inverse_metric
 from benchmarks import cdg_sharding
-from sgs_optax import _channel
-from sgs_optax._channel import cdg
+from sgs_optax import _cdg
+from sgs_optax._cdg import cdg
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BOUNDARIES = ("periodic", "neumann")
@@ -321,7 +321,7 @@ def test_uneven_channel_shards_are_gathered_not_swapped():
     x = jax.ShapeDtypeStruct(
         (3, 3, 8, channels), jnp.float32,
         sharding=NamedSharding(mesh, P(None, None, "data", "model")))
-    _, lower, out, (arg, _) = _channel._partition("fft", "periodic", mesh,
+    _, lower, out, (arg, _) = _cdg._partition("fft", "periodic", mesh,
                                                   (x, None), None)
     assert out.spec == arg.spec == P(None, None, "data", want)
     assert lower.keywords["channel_axes"] == want
