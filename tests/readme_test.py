@@ -34,10 +34,24 @@ def test_ci_runs_the_readme_test_command():
   assert "pytest" in command and "pip install" in command
 
 
+def test_ci_runs_the_readme_docs_command_in_its_own_venv():
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert "<!-- docs-command -->" in ci
+  block = README.split("<!-- docs-command -->", 1)[1]
+  command = re.search(r"```bash\n(.*?)\n```", block, re.S).group(1)
+  assert command.startswith("python3 -m venv .venv-docs && . .venv-docs/")
+  assert 'pip install -e ".[docs]"' in command and "sphinx -W" in command
+
+
+def test_readme_is_a_front_page():
+  assert len(README.splitlines()) <= 200
+
+
 def test_nd_example_runs(capsys):
-  section = README.split("### 1-D, 3-D and dilated kernels", 1)[1]
+  page = (ROOT / "docs" / "sgs.md").read_text()
+  section = page.split("## 1-D, 3-D and dilated kernels", 1)[1]
   code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-  exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
+  exec(compile(code, "docs/sgs.md", "exec"), {})  # pylint: disable=exec-used
   lines = capsys.readouterr().out.splitlines()
   numbers = lambda line: [float(v) for v in re.findall(r"\d+\.?\d*", line)]
   assert numbers(lines[0]) == [2, 2, 1, 3, 1, 2, 2, 2, 1, 1, 2, 1, 1, 2]
