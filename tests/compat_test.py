@@ -412,8 +412,8 @@ def test_case6_abstract_restore_of_every_chain_with_the_mapping_form():
   # The one-sharding form cannot give the table's leaves their shardings
   # (optax's placeholder init cannot know the table's keys): the idiom
   # fails with the error the sharding how-to names.
-  with pytest.raises(ValueError,
-                     match=r"(?s)pytree structure error.*\.scalings"):
+  with pytest.raises(ValueError, match=r"(?s)(pytree structure error.*"
+                     r"\.scalings|Custom node type mismatch.*ScalingTable)"):
     restore_abstractly(chains["sgs"], params, lambda t, s: s)
 
 
@@ -446,8 +446,11 @@ def test_case6_the_sharding_howtos_restore_block_runs_and_restores():
   one = optax.tree_utils.tree_map_params(
       tx.init, lambda _: replicated, namespace["abstract_state"],
       transform_non_params=lambda _: replicated)
-  quoted = re.search(r"    (ValueError: .*?)\n\n", section, re.S).group(1)
+  # The how-to quotes the message of each jax release it supports (the
+  # wording changed in 0.10.2); the one raised here must be one of them.
+  quoted = [re.sub(r"\n    ", "\n", q) for q in
+            re.findall(r"    (ValueError: .*?)\n\n", section, re.S)]
+  assert len(quoted) == 2, quoted
   with pytest.raises(ValueError) as raised:
     jax.tree.map(lambda a, s: a, namespace["abstract_state"], one)
-  assert "ValueError: " + str(raised.value) == re.sub(
-      r"\n    ", "\n", quoted)
+  assert "ValueError: " + str(raised.value) in quoted
