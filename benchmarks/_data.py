@@ -24,11 +24,11 @@ exceptions are silenced and not chained).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 import contextlib
 import logging
 import os
 import pathlib
-from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np

@@ -12,8 +12,8 @@ for SGD, after Adam's direction and before its decoupled decay for AdamW.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
+import dataclasses
 
 import jax.numpy as jnp
 import optax

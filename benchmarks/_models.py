@@ -15,9 +15,9 @@ kernel_{N-1}`` where the plain layer holds ``kernel``, and
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn

@@ -16,6 +16,7 @@ import optax
 def environment() -> dict[str, Any]:
   """Versions, machine and load: the context that timings depend on."""
   import flax  # pylint: disable=g-import-not-at-top
+
   import sgs_optax  # pylint: disable=g-import-not-at-top
   env = {
       "python": platform.python_version(),

@@ -30,8 +30,8 @@ that to be chosen, like the one-standard-error rule of model selection.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+import math
 from typing import Any, NamedTuple
 
 import numpy as np

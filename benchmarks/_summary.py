@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
+import os
 from typing import Any
 
 import numpy as np
@@ -76,8 +76,7 @@ def verdict_summary(records: Sequence[dict[str, Any]]) -> str:
     diff = r.get("paired_difference")
     if diff is None:
       continue
-    (decided[diff["verdict"]] if diff["verdict"] in decided
-     else undecided).append(r["method"])
+    decided.get(diff["verdict"], undecided).append(r["method"])
   parts = [f"{k}: {', '.join(v)}" for k, v in decided.items() if v]
   if undecided:
     parts.append(f"not separated from their baseline: {', '.join(undecided)}")

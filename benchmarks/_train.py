@@ -33,12 +33,12 @@ continues exactly as if it had not been interrupted.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import dataclasses
 import functools
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn

@@ -28,10 +28,10 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 import functools
 import statistics
 import time
-from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax

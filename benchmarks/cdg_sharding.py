@@ -20,15 +20,15 @@ Run from the repository root, on 8 simulated CPU devices::
 from __future__ import annotations
 
 import argparse
-import itertools
 from collections.abc import Callable, Sequence
+import itertools
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import optax
 
 from benchmarks import _report
 from sgs_optax import cdg

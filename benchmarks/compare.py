@@ -78,13 +78,13 @@ projected training time.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import dataclasses
 import datetime
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -634,7 +634,7 @@ def device_name(device) -> str:
 
 
 def _hms(seconds: float) -> str:
-  minutes, secs = divmod(int(round(seconds)), 60)
+  minutes, secs = divmod(round(seconds), 60)
   hours, minutes = divmod(minutes, 60)
   return f"{hours}h{minutes:02d}m{secs:02d}s"
 
@@ -757,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "schedule": "peak lr x cosine decay to 0 over the run",
                    "sgs_presets_normalized": False, "merge_rtol": MERGE_RTOL},
       "environment": _report.environment(),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "date": datetime.datetime.now(datetime.UTC).isoformat(),
       "throughput": throughput, "methods": records, "table": table,
       "verdict": verdict, "published": published, "total_wall_time_s": total,
   }

@@ -35,6 +35,7 @@ side by side in one process. The rule that ``counting=None`` and
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 import datetime
 import functools
 import json
@@ -42,7 +43,6 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -51,9 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import sgs_optax
 from benchmarks import _models
 from benchmarks import _train
+import sgs_optax
 
 PARTS = ("checks", "cdg", "estimator", "refresh", "steps")
 MODELS = ("vgg11", "resnet18")
@@ -257,7 +257,7 @@ def run_cdg(settings: dict[str, Any]) -> dict[str, Any]:
     update = jax.jit(tx.update)
     state = tx.init(params)
     out["update_s"][str(solver)] = _median_time(
-        lambda: update(grads, state), settings["repeats"])
+        functools.partial(update, grads, state), settings["repeats"])
   return out
 
 
@@ -279,9 +279,9 @@ def run_estimator(settings: dict[str, Any]) -> dict[str, Any]:
     refresh = jax.jit(functools.partial(sgs_optax.refresh_scalings,
                                         counting=counting))
     compiled, out["compile_s"][counting] = _timed(
-        lambda: refresh.lower(state, captured).compile())
+        lambda refresh=refresh: refresh.lower(state, captured).compile())
     out["run_s"][counting] = _median_time(
-        lambda: compiled(state, captured), settings["repeats"])
+        functools.partial(compiled, state, captured), settings["repeats"])
   return out
 
 
@@ -466,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "backend": jax.default_backend(), "device_kind": device.device_kind,
       "jax_version": jax.__version__, "sgs_optax_version":
       sgs_optax.__version__, "tiny": args.tiny, "settings": dict(settings),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "date": datetime.datetime.now(datetime.UTC).isoformat(),
   }
   for part in PARTS:
     result.setdefault({"steps": "step_ratios"}.get(part, part), None)

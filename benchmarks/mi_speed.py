@@ -52,6 +52,8 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
+import functools
 import json
 import math
 import os
@@ -59,7 +61,6 @@ import pathlib
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -367,7 +368,7 @@ def run_counting(
   layers = []
   for i, (channels, size) in enumerate(layers_spec):
     x = jax.device_put(activations(n, channels, size, seed + i, stem=i == 0))
-    variants = {c: (lambda c=c: spatial_dependence(x, counting=c))
+    variants = {c: functools.partial(spatial_dependence, x, counting=c)
                 for c in COUNTINGS}
     first, wall, cpu, results = _interleaved(variants, repeats)
     layers.append({
@@ -419,8 +420,8 @@ def run_refresh(
     temporaries, jitted in place only) and the captured inputs' bytes.
   """
   # Imported here: Flax is only needed for this part.
-  import sgs_optax  # pylint: disable=g-import-not-at-top
   from benchmarks import _models  # pylint: disable=g-import-not-at-top
+  import sgs_optax  # pylint: disable=g-import-not-at-top
 
   model = _models.make_model(model_name, 100, tiny=tiny)
   x = jnp.asarray(activations(n, 3, 32, seed, stem=True))

@@ -72,6 +72,7 @@ pass runs in numpy on the CPU).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 import dataclasses
 import datetime
 import functools
@@ -80,7 +81,6 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -739,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "hyper": _hyper(args.batch_size)},
       "environment": _report.environment(),
       "loadavg_start": load_start,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "date": datetime.datetime.now(datetime.UTC).isoformat(),
       "models": results,
       "projection": projection,
       "real_run": real,

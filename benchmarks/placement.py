@@ -39,12 +39,12 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -54,8 +54,8 @@ import numpy as np
 import optax
 from optax import contrib
 
-import sgs_optax
 from benchmarks import _data
+import sgs_optax
 
 KERNEL = (3, 3)
 BRANCHES = [(3, 3), (1, 3), (3, 1), (1, 1)]

@@ -26,10 +26,10 @@ import sys
 
 import optax
 
-import sgs_optax
 from examples import classify
 from examples import data
 from examples import models
+import sgs_optax
 
 
 def optimizers(learning_rate: float = 3e-3, weight_decay: float = 1e-4

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import sgs_optax
 from examples import data
+import sgs_optax
 
 
 def fit(model: nn.Module, tx: optax.GradientTransformation, split: data.Split,

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import sgs_optax
 from examples import data
+import sgs_optax
 
 
 class CNN(eqx.Module):

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import sys
 
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
-import sgs_optax
 from examples import data
+import sgs_optax
 
 
 class CNN(nnx.Module):

@@ -24,10 +24,10 @@ import sys
 
 import optax
 
-import sgs_optax
 from examples import classify
 from examples import data
 from examples import models
+import sgs_optax
 
 
 def main(argv=None) -> dict[str, float]:

@@ -30,9 +30,9 @@ import flax.linen as nn
 import numpy as np
 import optax
 
-import sgs_optax
 from examples import classify
 from examples import data
+import sgs_optax
 
 
 class SequenceCNN(nn.Module):

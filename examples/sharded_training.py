@@ -32,20 +32,20 @@ that runs on different device counts can be compared.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
+import sys
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import numpy as np
-import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
 
-import sgs_optax
 from examples import data
+import sgs_optax
 
 
 class CNN(nn.Module):

@@ -1,4 +1,4 @@
-"""sgs_optax: gradient reshaping for convolutional networks, as optax transforms.
+"""sgs_optax: gradient reshaping for conv networks, as optax transforms.
 
 Spatial Gradient Scaling (:func:`sgs`) and Channel-Directed Gradients
 (:func:`cdg`) are pure ``optax.GradientTransformation``\\ s; chain them with

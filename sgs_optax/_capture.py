@@ -17,21 +17,21 @@ params to key by.
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from collections.abc import Callable
+import dataclasses
 from typing import Any, NamedTuple
+import warnings
 
 import jax
+from jax.extend import core as jex
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jex
 
 from sgs_optax import _frameworks
 from sgs_optax import _kernels
 from sgs_optax import _provenance
-from sgs_optax._provenance import Provenance
 from sgs_optax._geometry import ConvInput
+from sgs_optax._provenance import Provenance
 
 _NONE = _provenance.NONE
 # Call-like primitives whose body runs inline (param holding the body).

@@ -32,12 +32,12 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 from jax.experimental.custom_partitioning import custom_partitioning
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
 
 from sgs_optax import _cdg_solvers as solvers
 from sgs_optax._cdg_solvers import BOUNDARIES
@@ -137,7 +137,7 @@ def _spread_operands(x: jax.Array, *operands: jax.Array, **kwargs):
   return _swap_and_solve(x, operands, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _auto_partitioned_solve(ndim: int, count: int, solver: str,
                             boundary: str):
   """``_swap_and_solve`` for ``ndim``-D ``x`` and ``count`` operands.

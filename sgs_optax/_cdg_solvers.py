@@ -38,8 +38,8 @@ traced (e.g. under :func:`optax.inject_hyperparams`).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+import functools
 from typing import NamedTuple
 
 import jax

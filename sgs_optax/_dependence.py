@@ -278,9 +278,10 @@ def spatial_dependence(
     kernel_size: odd sizes, one per spatial axis (for 2-D ``(kh, kw)``: rows
       of the result follow the H offsets, columns the W offsets).
     padding: the conv's own padding, resolved as the conv resolves it:
-      ``"SAME"``, ``"SAME_LOWER"`` or ``"VALID"`` (as lax pads the conv, with ``strides`` and the dilated
-      kernel); Flax's ``"CIRCULAR"``, ``"REFLECT"`` (``((k_eff - 1) // 2,
-      k_eff // 2)`` per axis, and the matching fill) or ``"CAUSAL"`` (1-D);
+      ``"SAME"``, ``"SAME_LOWER"`` or ``"VALID"`` (as lax pads the conv,
+      with ``strides`` and the dilated kernel); Flax's ``"CIRCULAR"``,
+      ``"REFLECT"`` (``((k_eff - 1) // 2, k_eff // 2)`` per axis, and the
+      matching fill) or ``"CAUSAL"`` (1-D);
       an int, or an int or a ``(lo, hi)`` pair per spatial axis.
     k: the sharpening constant (5 in the paper), a concrete positive number.
     diagonal_removal: keep only pairs where both values are non-zero, bin them

@@ -12,9 +12,9 @@ metadata boxes, and the registration of a class with
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 import importlib.util
 import sys
-from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax

@@ -21,8 +21,8 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+import dataclasses
 import operator
 from typing import Any, TypeAlias
 
@@ -217,7 +217,7 @@ def _as_tuple(value: Any) -> Any:
   """Hashable, plain-int form of a geometry field (for static metadata)."""
   if value is None or isinstance(value, str):
     return value
-  if isinstance(value, Sequence) or isinstance(value, np.ndarray):
+  if isinstance(value, (Sequence, np.ndarray)):
     return tuple(_as_tuple(v) for v in value)
   return int(value)
 

@@ -45,15 +45,14 @@ Leaves that ``optax.masked`` or ``optax.partition`` replaced by
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+import functools
 from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 
 Layout: TypeAlias = str
 LayoutTree: TypeAlias = Any  # a params-shaped pytree of `Layout | None`.
@@ -92,7 +91,7 @@ class KernelAxes(NamedTuple):
   conv_order: tuple[int, ...] = ()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parse_layout(layout: Layout) -> KernelAxes:
   """Parses and validates a layout string such as ``"HWIO"``.
 
@@ -276,11 +275,12 @@ def check_selects_a_leaf(transform: str, tree: Any, layouts: LayoutTree,
   raise ValueError(
       f"{transform}: kernel_layout {spec!r} selects none of the "
       f"{len(leaves)} parameter leaves left by any mask (their ranks: "
-      f"{ranks}), so it would do nothing. Pass the layout of your conv kernels: e.g. 'OIHW' for "
-      "Equinox or PyTorch-style weights, 'WIO' for 1-D convs, 'DHWIO' for "
-      "3-D convs, 'LHWIO' for layers stacked by a scan, or a per-leaf tree "
-      "(sgs_optax.conv_layouts(model, ...) reads one from the model). "
-      "Flattened params (optax.flatten) hold no kernel."
+      f"{ranks}), so it would do nothing. Pass the layout of your conv "
+      "kernels: e.g. 'OIHW' for Equinox or PyTorch-style weights, 'WIO' "
+      "for 1-D convs, 'DHWIO' for 3-D convs, 'LHWIO' for layers stacked "
+      "by a scan, or a per-leaf tree (sgs_optax.conv_layouts(model, ...) "
+      "reads one from the model). Flattened params (optax.flatten) hold no "
+      "kernel."
   )
 
 

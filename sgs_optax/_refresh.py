@@ -10,8 +10,8 @@ statistics in ``_dependence.py``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+import dataclasses
 from typing import Any
 
 import jax

@@ -18,9 +18,9 @@ Every error of the reading is made by :func:`error`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 import functools
 import hashlib
-from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax

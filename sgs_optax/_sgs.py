@@ -248,9 +248,10 @@ def spatial_gradient_scaling(
   Raises:
     ValueError: for an unknown preset or layout, a preset that scales no
       selected kernel, a matrix that does not fit its kernel, an array that
-      fits kernels with different meanings or has a per-layer shape, a ``scaling`` pytree that does
-      not match the params, a matrix that is not an array, negative,
-      non-finite, or of mean 0 with ``normalize=True``, a layout string that
+      fits kernels with different meanings or has a per-layer shape, a
+      ``scaling`` pytree that does not match the params, a matrix that is
+      not an array, negative, non-finite, or of mean 0 with
+      ``normalize=True``, a layout string that
       misreads a leaf (e.g. a ``(32, 16, 3, 3)`` OIHW weight under
       ``"HWIO"``), and (with ``strict=True``) unscaled kernels.
 

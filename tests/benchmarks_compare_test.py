@@ -10,11 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-import sgs_optax
 from benchmarks import _methods
 from benchmarks import _models
 from benchmarks import _train
 from benchmarks import compare
+import sgs_optax
 
 
 @pytest.mark.slow

@@ -6,13 +6,13 @@ them.
 """
 
 import equinox as eqx
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import sgs_optax
 

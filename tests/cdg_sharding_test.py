@@ -14,19 +14,20 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
-import pytest
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+from benchmarks import cdg_sharding
+from sgs_optax import _cdg
+from sgs_optax._cdg import cdg
 
 from _devices import run_on_devices
 from cdg_test import apply_along
 from cdg_test import dense_inverse_metric
-from benchmarks import cdg_sharding
-from sgs_optax import _cdg
-from sgs_optax._cdg import cdg
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BOUNDARIES = ("periodic", "neumann")
@@ -149,7 +150,7 @@ def value_records(mode, metric, boundary, solver, names):
   momentum = new_state[1][0].trace
   records = []
   for name, spec in cases.items():
-    layout, _, _, dtype = _case(spec)
+    layout, _, _, _dtype = _case(spec)
     g = np.asarray(grads[name].astype(jnp.float32), np.float64)
     want = _reference(g, layout, metric, boundary)
     for what, out, scale in (("update", updates[name], -LR),

@@ -5,6 +5,7 @@ definition (the Laplacian written out entry by entry, inverted by numpy) and
 applied with numpy, never from the solvers under test.
 """
 
+import functools
 import math
 import re
 
@@ -90,6 +91,11 @@ def run(tx, updates, params=None, jit=True):
 
 # Kernels of both layouts and widths whose tridiagonal blocks differ: one
 # block (5), several (6: 2 blocks of 3; 64: 8 of 8; 100: 10 of 10).
+def _smoothed(lam, g, **kwargs):
+  """`cdg(lam, **kwargs)` applied to the single gradient `g`, for vmapping."""
+  return cdg(lam, **kwargs).update({"k": g}, None)[0]["k"]
+
+
 SOLVE_CASES = {
     "hwio5": ("HWIO", 5), "hwio6": ("HWIO", 6), "oihw6": ("OIHW", 6),
     "hwio64": ("HWIO", 64), "oihw100": ("OIHW", 100),
@@ -152,10 +158,9 @@ def test_tridiagonal_blocks_over_widths_and_strengths(boundary):
   with jax.enable_x64(True):
     for n in (2, 3, 7, 12, 97, 128):
       g = rng.standard_normal((4, n))
-      tx = lambda lam: cdg(lam, boundary=boundary, solver="tridiagonal",
-                           kernel_layout={"k": "IO"})
-      out = jax.jit(jax.vmap(lambda lam: tx(lam).update({"k": g}, None)[0]
-                             ["k"]))(lams)
+      out = jax.jit(jax.vmap(functools.partial(
+          _smoothed, g=g, boundary=boundary, solver="tridiagonal",
+          kernel_layout={"k": "IO"})))(lams)
       for lam, got in zip(lams, np.asarray(out)):
         want = g @ dense_inverse_metric(n, lam, "sobolev", boundary).T
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-9,
@@ -428,11 +433,9 @@ def test_invalid_traced_smoothing_follows_the_rule(metric, boundary):
       values = [v for m, a, v, _ in cases if a == allow]
       if not values:
         continue
-      update = jax.jit(jax.vmap(
-          lambda lam: cdg(lam, metric=metric, boundary=boundary,
-                          solver=solver, allow_amplification=allow).update(
-                              {"k": jnp.asarray(g, jnp.float32)}, None)[0]
-          ["k"]))
+      update = jax.jit(jax.vmap(functools.partial(
+          _smoothed, g=jnp.asarray(g, jnp.float32), metric=metric,
+          boundary=boundary, solver=solver, allow_amplification=allow)))
       outs = np.asarray(update(jnp.asarray(values, jnp.float32)), np.float64)
       for (_, _, value, acts_as), out in zip(
           [c for c in cases if c[1] == allow], outs):

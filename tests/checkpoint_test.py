@@ -14,12 +14,12 @@ import numpy as np
 import optax
 import pytest
 
-import sgs_optax
 from examples.resnet import checkpointing
 from examples.resnet import config as config_lib
 from examples.resnet import input_pipeline
 from examples.resnet import main as resnet_main
 from examples.resnet import train
+import sgs_optax
 
 # 64 images / 16 = 4 steps per epoch, 12 steps. The learned SGS matrices are
 # refreshed every max(1, round(3 / 20)) = 1 epoch: before steps 0, 4 and 8.

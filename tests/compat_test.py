@@ -169,8 +169,8 @@ WRAPPERS = {
             lambda: make_transform(k))(),
         lambda ref, gs: ref(gs[0])),
     "multi_steps": (
-        lambda k: (lambda ms: optax.GradientTransformationExtraArgs(
-            ms.init, ms.update))(optax.MultiSteps(make_transform(k), 2)),
+        lambda k: optax.MultiSteps(make_transform(k),
+                                   2).gradient_transformation(),
         lambda ref, gs: ref(jax.tree.map(lambda a, b: (a + b) / 2, *gs))),
     "apply_if_finite": (
         lambda k: optax.apply_if_finite(make_transform(k), 3),
@@ -428,7 +428,7 @@ def test_case6_the_sharding_howtos_restore_block_runs_and_restores():
   howto = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "howto" /
            "sharded.md").read_text()
   section = howto.split("## Restoring a checkpoint", 1)[1]
-  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
   namespace = {}
   exec(compile(code, "sharded.md", "exec"),  # pylint: disable=exec-used
        namespace)
@@ -449,7 +449,7 @@ def test_case6_the_sharding_howtos_restore_block_runs_and_restores():
   # The how-to quotes the message of each jax release it supports (the
   # wording changed in 0.10.2); the one raised here must be one of them.
   quoted = [re.sub(r"\n    ", "\n", q) for q in
-            re.findall(r"    (ValueError: .*?)\n\n", section, re.S)]
+            re.findall(r"    (ValueError: .*?)\n\n", section, re.DOTALL)]
   assert len(quoted) == 2, quoted
   with pytest.raises(ValueError) as raised:
     jax.tree.map(lambda a, s: a, namespace["abstract_state"], one)

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _devices import run_on_devices
 from sgs_optax import _mi_counts
 from sgs_optax import _mi_pairs
 from sgs_optax import _mi_plan
 from sgs_optax._dependence import dependence_to_scaling
 from sgs_optax._dependence import spatial_dependence
+
+from _devices import run_on_devices
 
 TOL = 1e-4
 

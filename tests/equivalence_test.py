@@ -1,4 +1,4 @@
-"""SGD on a branched conv network == SGD with sgs(branch_scaling) on the merged one.
+"""SGD on a branched conv net == SGD with sgs(branch_scaling) on the merged one.
 
 The golden trajectory is the branched network trained by autodiff; merging is
 done here with numpy padding, independently of `sgs_optax.merge_branches`.

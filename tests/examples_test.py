@@ -9,13 +9,12 @@ within seed noise of their baseline.
 import jax
 import numpy as np
 
-import sgs_optax
-
 from examples import adam_training
 from examples import equinox_training
 from examples import nnx_training
 from examples import quickstart
 from examples.resnet import main as resnet_main
+import sgs_optax
 
 
 def assert_learned_beside(baseline, accuracy, *, floor=0.7, spread=0.1):

@@ -128,7 +128,7 @@ def test_flax_causal_pads_left_with_zeros(geometry):
 )
 def test_int_and_per_axis_padding_as_flax_reads_it(padding):
   rank = len(padding) if isinstance(padding, (list, tuple)) else 2
-  geometry = [g for g in GEOMETRIES if len(g[0]) == rank][0]
+  geometry = next(g for g in GEOMETRIES if len(g[0]) == rank)
   # Flax wants (lo, hi) pairs as tuples and plain ints.
   flax_padding = (
       [tuple(p) if isinstance(p, (list, tuple)) else p for p in padding]

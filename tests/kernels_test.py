@@ -139,6 +139,7 @@ def test_plausibility_rule_flags_mislabelled_kernels(shape, layout, other):
 
 def test_case1_sgs_and_cdg_reject_a_layout_string_that_misreads_a_kernel():
   import jax
+
   import sgs_optax
 
   torch_style = {"w": jnp.ones((32, 16, 3, 3)), "b": jnp.ones(32)}

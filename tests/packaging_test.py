@@ -1,4 +1,4 @@
-"""Packaging: declared dependencies, and the wheel and sdist as users get them."""
+"""Packaging: declared dependencies, the wheel and sdist as users get them."""
 
 import ast
 import importlib.metadata

@@ -20,6 +20,7 @@ import optax
 import pytest
 
 import sgs_optax
+
 from equivalence_test import loop_merge
 from equivalence_test import nd_branched_conv
 from equivalence_test import nd_plain_conv

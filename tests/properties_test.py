@@ -381,7 +381,7 @@ def test_apply_if_finite_skips_a_non_finite_step():
   poisoned, _ = tx.update(g_bad, tx.init(params), params)
   assert not np.all(np.isfinite(poisoned["conv"]["kernel"]))
   clean = run([g1, g2])
-  (p1, s1), (p_bad, s_bad), (p_end, s_end) = skipped
+  (p1, s1), (p_bad, s_bad), (p_end, _s_end) = skipped
   # The non-finite step changed nothing but the error counters.
   jax.tree.map(np.testing.assert_array_equal, p_bad, p1)
   jax.tree.map(np.testing.assert_array_equal, s_bad.inner_state,

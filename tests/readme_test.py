@@ -11,7 +11,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_usage_example_runs(capsys):
   usage = README.split("## Usage", 1)[1]
-  code = re.search(r"```python\n(.*?)```", usage, re.S).group(1)
+  code = re.search(r"```python\n(.*?)```", usage, re.DOTALL).group(1)
   namespace = {}
   exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
   printed = capsys.readouterr().out
@@ -21,7 +21,7 @@ def test_usage_example_runs(capsys):
 
 def test_usage_non_flax_example_reads_layouts_from_the_model(capsys):
   usage = README.split("## Usage", 1)[1].split("\n## ", 1)[0]
-  code = re.findall(r"```python\n(.*?)```", usage, re.S)[1]
+  code = re.findall(r"```python\n(.*?)```", usage, re.DOTALL)[1]
   exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
   assert capsys.readouterr().out.split() == ["OIHW", "None"]
 
@@ -30,7 +30,7 @@ def test_ci_runs_the_readme_test_command():
   ci = (ROOT / ".ci" / "run").read_text()
   assert "<!-- test-command -->" in ci
   block = README.split("<!-- test-command -->", 1)[1]
-  command = re.search(r"```bash\n(.*?)\n```", block, re.S).group(1)
+  command = re.search(r"```bash\n(.*?)\n```", block, re.DOTALL).group(1)
   assert "pytest" in command and "pip install" in command
 
 
@@ -38,7 +38,7 @@ def test_ci_runs_the_readme_docs_command_in_its_own_venv():
   ci = (ROOT / ".ci" / "run").read_text()
   assert "<!-- docs-command -->" in ci
   block = README.split("<!-- docs-command -->", 1)[1]
-  command = re.search(r"```bash\n(.*?)\n```", block, re.S).group(1)
+  command = re.search(r"```bash\n(.*?)\n```", block, re.DOTALL).group(1)
   assert command.startswith("python3 -m venv .venv-docs && . .venv-docs/")
   assert 'pip install -e ".[docs]"' in command and "sphinx -W" in command
 
@@ -50,7 +50,7 @@ def test_readme_is_a_front_page():
 def test_nd_example_runs(capsys):
   page = (ROOT / "docs" / "sgs.md").read_text()
   section = page.split("## 1-D, 3-D and dilated kernels", 1)[1]
-  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
   exec(compile(code, "docs/sgs.md", "exec"), {})  # pylint: disable=exec-used
   lines = capsys.readouterr().out.splitlines()
   numbers = lambda line: [float(v) for v in re.findall(r"\d+\.?\d*", line)]

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import sgs_optax
+
 from capture_test import ScanNet
 
 
@@ -75,7 +76,7 @@ def test_refresh_with_diagonal_removal_and_k():
 
 
 def test_nan_keeps_previous_matrix():
-  _, params, x, captured = setup()
+  _, params, _x, captured = setup()
   state = sgs_optax.sgs("acb", learn=True).init(params)
   constant = sgs_optax.ConvInput(
       jnp.ones_like(captured["stem"]["kernel"].inputs),
@@ -192,7 +193,7 @@ def test_raw_arrays_and_nchw_inputs_raise():
 
 
 def test_calls_at_two_resolutions_are_weighted_by_their_pixels():
-  _, params, x, captured = setup()
+  _, params, _x, captured = setup()
   record = captured["stem"]["kernel"]
   small = sgs_optax.ConvInput(record.inputs[:, ::2, ::2], ((1, 1), (1, 1)))
   state = sgs_optax.sgs().init(params)

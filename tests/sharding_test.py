@@ -26,16 +26,17 @@ import pathlib
 import sys
 
 import jax
-import numpy as np
-import optax
-import pytest
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import pytest
 
 import sgs_optax
-from _devices import run_on_devices
 from sgs_optax import _refresh
+
+from _devices import run_on_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}

@@ -189,7 +189,8 @@ def test_mask_only_restricts():
   # A True mask never adds a leaf that the layout does not select.
   out, _ = apply(sgs_optax.sgs("acb", mask=lambda p: jax.tree.map(
       lambda _: True, p)), grads)
-  np.testing.assert_array_equal(out["dense"]["kernel"], grads["dense"]["kernel"])
+  np.testing.assert_array_equal(out["dense"]["kernel"],
+                                grads["dense"]["kernel"])
 
 
 def test_layout_tree_and_callable_for_mixed_models():

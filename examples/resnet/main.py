@@ -43,19 +43,19 @@ too easy for learned SGS to beat the baseline by more than seed noise)::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-import sgs_optax
 from examples.resnet import config as config_lib
 from examples.resnet import input_pipeline
 from examples.resnet import train
+import sgs_optax
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -13,8 +13,8 @@ epoch 0 on the initialised network.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+import functools
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import sgs_optax
 from examples import data
 from examples import models
 from examples.resnet import checkpointing
@@ -30,6 +29,7 @@ from examples.resnet import input_pipeline
 from examples.resnet.config import Config
 from examples.resnet.config import recipe
 from examples.resnet.config import refresh_period_epochs
+import sgs_optax
 
 
 class TrainState(flax.struct.PyTreeNode):
